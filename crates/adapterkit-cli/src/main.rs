@@ -1,0 +1,211 @@
+//! The `adapterkit` command-line tool: clap arguments → validated options → library calls.
+
+mod inspect;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use adapterkit_core::DType;
+use adapterkit_formats::{peft, Checkpoint};
+use adapterkit_ops::{ExecOptions, OutDType, Output, Sharding, WeightedAdapter};
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// Load, validate, inspect and merge parameter-efficient fine-tuning adapters.
+#[derive(Parser, Debug)]
+#[command(name = "adapterkit", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Merge one or more adapters into a base checkpoint, streaming, in one pass.
+    Merge(MergeArgs),
+    /// Describe a base checkpoint, an adapter or a safetensors file.
+    Inspect(InspectArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct MergeArgs {
+    /// Base checkpoint: a Hugging Face model directory or a .safetensors file.
+    base: PathBuf,
+    /// PEFT adapter directories (adapter_config.json + adapter_model.safetensors).
+    #[arg(required = true)]
+    adapters: Vec<PathBuf>,
+    /// Output: a directory laid out like the base, or a single file ending in .safetensors.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Comma-separated weight per adapter (default 1.0 each); negative weights subtract.
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    weights: Option<Vec<f64>>,
+    /// Output dtype: auto keeps each tensor's dtype; f32, bf16, f16 convert every float tensor.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// Re-shard the output into files of at most this size (e.g. 5GB, 500MB, 2GiB).
+    #[arg(long)]
+    shard_size: Option<String>,
+    /// Worker threads (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Allow the output to be the base itself; its files are replaced atomically.
+    #[arg(long)]
+    in_place: bool,
+    /// Replace an existing output.
+    #[arg(long)]
+    force: bool,
+    /// Write merged tensors even if they contain NaN or infinity.
+    #[arg(long)]
+    allow_nonfinite: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct InspectArgs {
+    /// A model directory, an adapter directory or a .safetensors file.
+    path: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_dtype(s: &str) -> Result<OutDType> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "auto" => OutDType::Auto,
+        "f32" | "float32" | "fp32" => OutDType::Fixed(DType::F32),
+        "bf16" | "bfloat16" => OutDType::Fixed(DType::BF16),
+        "f16" | "float16" | "fp16" => OutDType::Fixed(DType::F16),
+        other => bail!("--dtype {other:?}: expected auto, f32, bf16 or f16"),
+    })
+}
+
+/// Parse a size such as `5GB`, `500MB`, `2GiB` or a plain number of bytes.
+fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().with_context(|| format!("--shard-size {s:?}: not a size"))?;
+    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "KIB" => 1024.0,
+        "MIB" => 1024f64.powi(2),
+        "GIB" => 1024f64.powi(3),
+        "TIB" => 1024f64.powi(4),
+        u => bail!("--shard-size {s:?}: unknown unit {u:?} (use B, KB, MB, GB, KiB, MiB, GiB)"),
+    };
+    let v = n * mult;
+    if !(v >= 1.0 && v < u64::MAX as f64) {
+        bail!("--shard-size {s:?}: must be at least one byte");
+    }
+    Ok(v as u64)
+}
+
+fn run_merge(a: MergeArgs) -> Result<()> {
+    let out_dtype = parse_dtype(&a.dtype)?;
+    let sharding = match &a.shard_size {
+        Some(s) => Sharding::MaxBytes(parse_size(s)?),
+        None => Sharding::Preserve,
+    };
+    let weights = match a.weights {
+        Some(w) if w.len() != a.adapters.len() => {
+            bail!("--weights has {} value(s) but {} adapter(s) were given", w.len(), a.adapters.len())
+        }
+        Some(w) => w,
+        None => vec![1.0; a.adapters.len()],
+    };
+    let base = Checkpoint::open(&a.base).with_context(|| format!("opening base {}", a.base.display()))?;
+    let mut adapters = Vec::new();
+    let mut errors = Vec::new();
+    for (p, w) in a.adapters.iter().zip(weights) {
+        match peft::open(p) {
+            Ok(pa) => adapters.push(WeightedAdapter { adapter: pa.adapter, weight: w }),
+            Err(e) => errors.push(format!("{}: {e}", p.display())),
+        }
+    }
+    if !errors.is_empty() {
+        bail!("cannot read {} adapter(s), nothing written:\n{}", errors.len(), errors.join("\n"));
+    }
+    let output = Output { path: a.output.clone(), sharding, in_place: a.in_place, overwrite: a.force || a.in_place };
+    let opts = ExecOptions { threads: a.threads, allow_nonfinite: a.allow_nonfinite, ..Default::default() };
+    let started = std::time::Instant::now();
+    let report = adapterkit_ops::merge(&base, adapters, out_dtype, &output, &opts)?;
+    let secs = started.elapsed().as_secs_f64();
+    if a.json {
+        let v = serde_json::json!({
+            "output": a.output,
+            "files": report.files,
+            "tensors": report.tensors,
+            "merged": report.merged,
+            "converted": report.converted,
+            "copied": report.copied,
+            "bytes": report.bytes,
+            "seconds": secs,
+            "skipped_files": report.skipped_files,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "merged {} adapter(s) into {}: {} tensors ({} merged, {} converted, {} copied), {} in {:.2}s",
+            a.adapters.len(),
+            a.output.display(),
+            report.tensors,
+            report.merged,
+            report.converted,
+            report.copied,
+            inspect::human_bytes(report.bytes),
+            secs
+        );
+        for f in &report.skipped_files {
+            eprintln!("note: not carried over from the base: {f} (weights in another format would hold the unmerged values)");
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Merge(a) => run_merge(a),
+        Command::Inspect(a) => inspect::run(&a.path, a.json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert!(parse_size("5XB").is_err());
+        assert!(parse_size("0").is_err());
+    }
+
+    #[test]
+    fn dtypes() {
+        assert_eq!(parse_dtype("bf16").unwrap(), OutDType::Fixed(DType::BF16));
+        assert!(parse_dtype("q4").is_err());
+    }
+}

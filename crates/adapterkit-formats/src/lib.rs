@@ -1,0 +1,19 @@
+//! adapterkit's file formats.
+//!
+//! - [`safetensors`]: header parsing with full validation and caps, positional and memory-mapped
+//!   reading, and a writer that lays out the whole file up front so workers can write tensors at
+//!   their offsets in parallel, into a temporary file renamed into place (spec:
+//!   `formats/safetensors.md`).
+//! - [`checkpoint`]: Hugging Face model directories (single or sharded) and bare safetensors files.
+//! - [`peft`]: PEFT adapter directories (`adapter_config.json` + `adapter_model.safetensors`) into
+//!   the adapter IR (spec: `formats/peft.md`).
+//!
+//! This crate does layout only; arithmetic lives in `adapterkit-ops`.
+
+pub mod checkpoint;
+pub mod error;
+pub mod peft;
+pub mod safetensors;
+
+pub use checkpoint::Checkpoint;
+pub use error::{Error, Result};

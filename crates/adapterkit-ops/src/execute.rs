@@ -1,0 +1,507 @@
+//! The streaming merge executor.
+//!
+//! The output's files, headers and every tensor's offset are fixed before any data moves. Work is
+//! split into items — byte-range copies of untouched tensors and row blocks of merged ones — that
+//! rayon workers process independently: read with positional reads, convert to f32, apply every
+//! operation in place, round once to the output dtype, write at the tensor's offset. Each worker
+//! owns a few block-sized buffers, and adapter factors are loaded when a tensor's first block
+//! starts and dropped when its last block ends, so peak memory is bounded by the number of
+//! threads times the block size, not by the model. Files are written to temporary names and
+//! renamed into place only when everything succeeded.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use adapterkit_core::convert::{decode_to_f32, encode_from_f32};
+use adapterkit_core::TensorSource;
+use adapterkit_formats::checkpoint::{Checkpoint, Layout as CkptLayout};
+use adapterkit_formats::safetensors::{layout, PendingFile, TensorSpec};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::kernels::{add_low_rank, low_rank_row, non_finite, transpose};
+use crate::plan::{NormAxis, OpSpec, Orientation, Plan, PlannedTensor};
+
+/// How the output is split into files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sharding {
+    /// The base's files and tensor assignment.
+    #[default]
+    Preserve,
+    /// New shards of at most this many bytes of tensor data (a tensor larger than the limit gets
+    /// a shard of its own).
+    MaxBytes(u64),
+}
+
+/// Where and how to write the merged checkpoint.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// A `.safetensors` file, or a directory laid out like the base.
+    pub path: PathBuf,
+    /// Sharding for directory outputs.
+    pub sharding: Sharding,
+    /// Allow `path` to be the base itself (files are replaced atomically one by one).
+    pub in_place: bool,
+    /// Allow replacing an existing output.
+    pub overwrite: bool,
+}
+
+/// Execution parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct ExecOptions {
+    /// Worker threads (0: one per core).
+    pub threads: usize,
+    /// Write merged tensors that hold NaN or infinity instead of refusing.
+    pub allow_nonfinite: bool,
+    /// Target number of f32 elements in one row block.
+    pub block_elems: usize,
+}
+
+impl Default for ExecOptions {
+    fn default() -> Self {
+        ExecOptions { threads: 0, allow_nonfinite: false, block_elems: 1 << 21 }
+    }
+}
+
+/// What a merge did.
+#[derive(Debug, Clone, Default)]
+pub struct MergeReport {
+    /// Files written (weights, index, copied extras), final paths.
+    pub files: Vec<PathBuf>,
+    /// Tensors written.
+    pub tensors: usize,
+    /// Tensors changed by an adapter.
+    pub merged: usize,
+    /// Tensors whose dtype was converted without other change.
+    pub converted: usize,
+    /// Tensors copied byte for byte.
+    pub copied: usize,
+    /// Bytes of tensor data written.
+    pub bytes: u64,
+    /// Base files not carried over (weights in other formats).
+    pub skipped_files: Vec<String>,
+}
+
+/// An operation with its adapter tensors loaded as f32.
+enum Prepared {
+    LowRank { l: Vec<f32>, r: Vec<f32>, rank: usize, weight: f32, dora: Option<(Vec<f32>, NormAxis)> },
+    Add { delta: Vec<f32>, factor: f32 },
+    Replace { data: Vec<f32>, weight: f32 },
+}
+
+fn prepare(plan: &Plan, t: &PlannedTensor) -> Result<Vec<Prepared>> {
+    let (rows, cols) = t.source.rows_cols();
+    let (rows, cols) = (rows as usize, cols as usize);
+    let mut out = Vec::with_capacity(t.ops.len());
+    for op in &t.ops {
+        out.push(match op {
+            OpSpec::LowRank { adapter, a, b, rank, orientation, scale, weight, magnitude } => {
+                let src = &plan.adapters[*adapter].adapter.tensors;
+                let a = src.read_f32(a)?;
+                let b = src.read_f32(b)?;
+                let (mut l, r) = match orientation {
+                    // B is (rows × r), A is (r × cols).
+                    Orientation::Normal => (b, a),
+                    // A is (r × rows), B is (cols × r).
+                    Orientation::Transposed => (transpose(&a, *rank, rows), transpose(&b, cols, *rank)),
+                };
+                let dora = match magnitude {
+                    Some((m, axis)) => Some((src.read_f32(m)?, *axis)),
+                    None => None,
+                };
+                // Fold the scale into L; for plain LoRA the weight too.
+                let fold = if dora.is_some() { *scale } else { scale * weight };
+                l.iter_mut().for_each(|x| *x *= fold);
+                Prepared::LowRank { l, r, rank: *rank, weight: *weight, dora }
+            }
+            OpSpec::Add { adapter, tensor, scale, weight } => Prepared::Add {
+                delta: plan.adapters[*adapter].adapter.tensors.read_f32(tensor)?,
+                factor: scale * weight,
+            },
+            OpSpec::Replace { adapter, tensor, weight } => Prepared::Replace {
+                data: plan.adapters[*adapter].adapter.tensors.read_f32(tensor)?,
+                weight: *weight,
+            },
+        });
+    }
+    Ok(out)
+}
+
+/// Apply `ops` to rows `row0..row0 + w.len()/cols` of a tensor `cols` wide. When a DoRA op needs
+/// column norms, `w` must be the whole tensor.
+fn apply_ops(w: &mut [f32], row0: usize, cols: usize, ops: &[Prepared], tmp: &mut Vec<f32>) {
+    let rows = if cols == 0 { 0 } else { w.len() / cols };
+    tmp.resize(cols, 0.0);
+    for op in ops {
+        if let Prepared::Replace { data, weight } = op {
+            let src = &data[row0 * cols..(row0 + rows) * cols];
+            if *weight == 1.0 {
+                w.copy_from_slice(src);
+            } else {
+                for (x, n) in w.iter_mut().zip(src) {
+                    *x += weight * (n - *x);
+                }
+            }
+        }
+    }
+    // DoRA norms are taken on the weight the adapters were trained on (after replacements,
+    // before any update), as PEFT does when it merges several adapters into one layer.
+    let mut norms: Vec<Option<Vec<f32>>> = Vec::with_capacity(ops.len());
+    for op in ops {
+        norms.push(match op {
+            Prepared::LowRank { l, r, rank, dora: Some((_, axis)), .. } => {
+                let mut acc = vec![0f64; if *axis == NormAxis::Rows { rows } else { cols }];
+                for i in 0..rows {
+                    low_rank_row(tmp, &l[(row0 + i) * rank..(row0 + i + 1) * rank], r);
+                    let wr = &w[i * cols..(i + 1) * cols];
+                    match axis {
+                        NormAxis::Rows => {
+                            acc[i] = wr.iter().zip(tmp.iter()).map(|(a, d)| ((a + d) as f64).powi(2)).sum();
+                        }
+                        NormAxis::Cols => {
+                            for ((s, a), d) in acc.iter_mut().zip(wr).zip(tmp.iter()) {
+                                *s += ((a + d) as f64).powi(2);
+                            }
+                        }
+                    }
+                }
+                Some(acc.into_iter().map(|s| s.sqrt() as f32).collect())
+            }
+            _ => None,
+        });
+    }
+    for (op, norm) in ops.iter().zip(&norms) {
+        match op {
+            Prepared::Replace { .. } => {}
+            Prepared::Add { delta, factor } => {
+                for (x, d) in w.iter_mut().zip(&delta[row0 * cols..(row0 + rows) * cols]) {
+                    *x = factor.mul_add(*d, *x);
+                }
+            }
+            Prepared::LowRank { l, r, rank, dora: None, .. } => {
+                add_low_rank(w, cols, &l[row0 * rank..(row0 + rows) * rank], r, *rank);
+            }
+            Prepared::LowRank { l, r, rank, weight, dora: Some((mag, axis)) } => {
+                let norm = norm.as_ref().expect("norm computed for every DoRA op");
+                for i in 0..rows {
+                    low_rank_row(tmp, &l[(row0 + i) * rank..(row0 + i + 1) * rank], r);
+                    let wr = &mut w[i * cols..(i + 1) * cols];
+                    for (j, (x, d)) in wr.iter_mut().zip(tmp.iter()).enumerate() {
+                        let f = match axis {
+                            NormAxis::Rows => mag[row0 + i] / norm[i],
+                            NormAxis::Cols => mag[j] / norm[j],
+                        };
+                        let merged = f * (*x + d);
+                        *x = if *weight == 1.0 { merged } else { *x + weight * (merged - *x) };
+                    }
+                }
+            }
+        }
+    }
+}
+
+enum Item {
+    Copy { t: usize, offset: u64, len: u64 },
+    Block { t: usize, row0: u64, rows: u64 },
+}
+
+struct OutFile {
+    name: String,
+    tensors: Vec<usize>,
+}
+
+#[derive(Default)]
+struct Scratch {
+    input: Vec<u64>,
+    output: Vec<u64>,
+    values: Vec<f32>,
+    tmp: Vec<f32>,
+}
+
+fn bytes_of(buf: &mut Vec<u64>, len: usize) -> &mut [u8] {
+    buf.resize(len.div_ceil(8), 0);
+    &mut bytemuck::cast_slice_mut::<u64, u8>(buf)[..len]
+}
+
+/// Execute `plan` against `base`, writing `output`.
+pub fn execute(base: &Checkpoint, plan: &Plan, output: &Output, opts: &ExecOptions) -> Result<MergeReport> {
+    let single_file = output.path.extension().is_some_and(|e| e == "safetensors");
+    let same_as_base = same_path(&output.path, base.root()) || base.shards().iter().any(|s| same_path(&output.path, s.path()));
+    if same_as_base && !output.in_place {
+        return Err(Error::Output {
+            path: output.path.clone(),
+            message: "is the base checkpoint itself; pass --in-place to replace its files (atomically, one by one)".into(),
+        });
+    }
+    let exists = output.path.exists();
+    if exists && !same_as_base && !output.overwrite {
+        let empty_dir = output.path.is_dir() && std::fs::read_dir(&output.path).map(|mut d| d.next().is_none()).unwrap_or(false);
+        if !empty_dir {
+            return Err(Error::Output { path: output.path.clone(), message: "already exists; remove it or pass --force".into() });
+        }
+    }
+
+    // Output files and their tensors.
+    let files: Vec<OutFile> = if single_file {
+        let name = output.path.file_name().and_then(|n| n.to_str()).unwrap_or("model.safetensors").to_string();
+        vec![OutFile { name, tensors: (0..plan.tensors.len()).collect() }]
+    } else {
+        match output.sharding {
+            Sharding::Preserve => {
+                let names: Vec<String> = match base.layout() {
+                    CkptLayout::File => vec!["model.safetensors".into()],
+                    _ => base.shard_names().to_vec(),
+                };
+                let mut files: Vec<OutFile> = names.into_iter().map(|name| OutFile { name, tensors: vec![] }).collect();
+                for (i, t) in plan.tensors.iter().enumerate() {
+                    let s = if files.len() == 1 { 0 } else { base.shard_of(&t.source.name).unwrap_or(0) };
+                    files[s].tensors.push(i);
+                }
+                files
+            }
+            Sharding::MaxBytes(max) => {
+                let mut groups: Vec<Vec<usize>> = vec![vec![]];
+                let mut size = 0u64;
+                for (i, t) in plan.tensors.iter().enumerate() {
+                    let len = t.out_len();
+                    if size > 0 && size + len > max {
+                        groups.push(vec![]);
+                        size = 0;
+                    }
+                    groups.last_mut().expect("non-empty").push(i);
+                    size += len;
+                }
+                let n = groups.len();
+                groups
+                    .into_iter()
+                    .enumerate()
+                    .map(|(k, tensors)| OutFile {
+                        name: if n == 1 { "model.safetensors".into() } else { format!("model-{:05}-of-{:05}.safetensors", k + 1, n) },
+                        tensors,
+                    })
+                    .collect()
+            }
+        }
+    };
+
+    // Staging: a fresh directory is built beside its final place and renamed in whole; an
+    // existing one (in place, or --force) gets each file replaced atomically.
+    let fresh_dir = !single_file && !exists;
+    let parent = if single_file { output.path.parent() } else { output.path.parent() }
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    if !parent.is_dir() {
+        return Err(Error::Output { path: output.path.clone(), message: format!("parent directory {} does not exist", parent.display()) });
+    }
+    let staging = if fresh_dir {
+        Some(tempfile::Builder::new().prefix(".adapterkit-").tempdir_in(&parent).map_err(|e| Error::io(&parent, e))?)
+    } else {
+        None
+    };
+    let write_dir: PathBuf = match (&staging, single_file) {
+        (Some(s), _) => s.path().to_path_buf(),
+        (None, true) => parent.clone(),
+        (None, false) => output.path.clone(),
+    };
+
+    let mut pending = Vec::with_capacity(files.len());
+    let mut place: Vec<(usize, u64)> = vec![(0, 0); plan.tensors.len()];
+    for (fi, f) in files.iter().enumerate() {
+        let specs: Vec<TensorSpec> = f
+            .tensors
+            .iter()
+            .map(|&i| {
+                let t = &plan.tensors[i];
+                TensorSpec { name: t.source.name.clone(), dtype: t.out_dtype, shape: t.source.shape.clone() }
+            })
+            .collect();
+        let metadata = base
+            .shard_names()
+            .iter()
+            .position(|n| *n == f.name)
+            .and_then(|s| base.shards()[s].metadata())
+            .or_else(|| base.metadata());
+        let lay = layout(&specs, metadata)?;
+        for (&i, info) in f.tensors.iter().zip(&lay.tensors) {
+            place[i] = (fi, info.offset);
+        }
+        let target = if single_file { output.path.clone() } else { write_dir.join(&f.name) };
+        pending.push(PendingFile::create(&target, lay)?);
+    }
+
+    // Work items.
+    let mut items = Vec::new();
+    let mut blocks_of = vec![0usize; plan.tensors.len()];
+    const COPY_CHUNK: u64 = 16 << 20;
+    for (i, t) in plan.tensors.iter().enumerate() {
+        if t.is_copy() {
+            let mut off = 0;
+            while off < t.source.len {
+                let len = COPY_CHUNK.min(t.source.len - off);
+                items.push(Item::Copy { t: i, offset: off, len });
+                off += len;
+            }
+            continue;
+        }
+        let (rows, cols) = t.source.rows_cols();
+        let whole = t.ops.iter().any(OpSpec::needs_whole_tensor) || t.source.shape.len() < 2;
+        let step = if whole { rows.max(1) } else { (opts.block_elems as u64 / cols.max(1)).max(1) };
+        let mut r = 0;
+        loop {
+            let n = step.min(rows - r);
+            items.push(Item::Block { t: i, row0: r, rows: n });
+            blocks_of[i] += 1;
+            r += n;
+            if r >= rows {
+                break;
+            }
+        }
+    }
+    let remaining: Vec<AtomicUsize> = blocks_of.iter().map(|&n| AtomicUsize::new(n)).collect();
+    let cache: Vec<Mutex<Option<Arc<Vec<Prepared>>>>> = plan.tensors.iter().map(|_| Mutex::new(None)).collect();
+
+    let run = |scratch: &mut Scratch, item: &Item| -> Result<()> {
+        match *item {
+            Item::Copy { t, offset, len } => {
+                let pt = &plan.tensors[t];
+                let buf = bytes_of(&mut scratch.input, len as usize);
+                base.read_bytes(&pt.source.name, offset, buf)?;
+                let (fi, at) = place[t];
+                pending[fi].write_at(at + offset, buf)?;
+            }
+            Item::Block { t, row0, rows } => {
+                let pt = &plan.tensors[t];
+                let ops = if pt.ops.is_empty() {
+                    None
+                } else {
+                    let mut slot = cache[t].lock().unwrap_or_else(|e| e.into_inner());
+                    if slot.is_none() {
+                        *slot = Some(Arc::new(prepare(plan, pt)?));
+                    }
+                    slot.clone()
+                };
+                let (_, cols) = pt.source.rows_cols();
+                let n = (rows * cols) as usize;
+                let in_len = pt.source.dtype.byte_len(rows * cols).expect("validated") as usize;
+                let in_off = pt.source.dtype.byte_len(row0 * cols).expect("validated");
+                let input = bytes_of(&mut scratch.input, in_len);
+                base.read_bytes(&pt.source.name, in_off, input)?;
+                scratch.values.resize(n, 0.0);
+                decode_to_f32(pt.source.dtype, input, &mut scratch.values)?;
+                if let Some(ops) = &ops {
+                    apply_ops(&mut scratch.values, row0 as usize, cols as usize, ops, &mut scratch.tmp);
+                    if !opts.allow_nonfinite {
+                        if let Some((count, first)) = non_finite(&scratch.values) {
+                            return Err(Error::NonFinite { tensor: pt.source.name.clone(), count, first: first + (row0 * cols) as usize });
+                        }
+                    }
+                }
+                let out_len = pt.out_dtype.byte_len(rows * cols).expect("validated") as usize;
+                let out_off = pt.out_dtype.byte_len(row0 * cols).expect("validated");
+                let out = bytes_of(&mut scratch.output, out_len);
+                encode_from_f32(pt.out_dtype, &scratch.values, out)?;
+                let (fi, at) = place[t];
+                pending[fi].write_at(at + out_off, out)?;
+                drop(ops);
+                if remaining[t].fetch_sub(1, Ordering::AcqRel) == 1 {
+                    cache[t].lock().unwrap_or_else(|e| e.into_inner()).take();
+                }
+            }
+        }
+        Ok(())
+    };
+
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads)
+        .build()
+        .map_err(|e| Error::Options(format!("cannot start {} threads: {e}", opts.threads)))?;
+    pool.install(|| items.par_iter().with_max_len(1).try_for_each_init(Scratch::default, run))?;
+
+    // Everything computed: index, extra files, then commit.
+    let mut report = MergeReport { tensors: plan.tensors.len(), skipped_files: base.skipped_files().to_vec(), ..Default::default() };
+    for t in &plan.tensors {
+        report.bytes += t.out_len();
+        if !t.ops.is_empty() {
+            report.merged += 1;
+        } else if t.is_copy() {
+            report.copied += 1;
+        } else {
+            report.converted += 1;
+        }
+    }
+    let final_dir = if single_file { parent.clone() } else { output.path.clone() };
+    let mut extra_staged: Vec<(tempfile::NamedTempFile, PathBuf)> = Vec::new();
+    let index_name = match base.layout() {
+        CkptLayout::Sharded { index } => index.clone(),
+        _ => "model.safetensors.index.json".to_string(),
+    };
+    if !single_file && files.len() > 1 {
+        let mut weight_map = BTreeMap::new();
+        for f in &files {
+            for &i in &f.tensors {
+                weight_map.insert(plan.tensors[i].source.name.clone(), serde_json::Value::String(f.name.clone()));
+            }
+        }
+        let mut meta = base.index_metadata().cloned().unwrap_or_default();
+        meta.insert("total_size".into(), serde_json::Value::from(report.bytes));
+        let index = serde_json::json!({ "metadata": meta, "weight_map": weight_map });
+        let text = serde_json::to_string_pretty(&index).expect("JSON values serialize") + "\n";
+        let tmp = stage_bytes(&write_dir, text.as_bytes())?;
+        extra_staged.push((tmp, write_dir.join(&index_name)));
+    }
+    if !single_file && !(same_as_base && output.in_place) {
+        for name in base.extra_files() {
+            let src = base.root().join(name);
+            let tmp = tempfile::Builder::new().prefix(".adapterkit-").tempfile_in(&write_dir).map_err(|e| Error::io(&write_dir, e))?;
+            std::fs::copy(&src, tmp.path()).map_err(|e| Error::io(&src, e))?;
+            extra_staged.push((tmp, write_dir.join(name)));
+        }
+    }
+    let mut written: Vec<String> = Vec::new();
+    for p in pending {
+        written.push(p.target().file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string());
+        p.commit()?;
+    }
+    for (tmp, target) in extra_staged {
+        written.push(target.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string());
+        tmp.persist(&target).map_err(|e| Error::io(&target, e.error))?;
+    }
+    if !single_file && !fresh_dir {
+        // Remove shards and an index of an earlier layout that this output no longer has.
+        if let Ok(dir) = std::fs::read_dir(&output.path) {
+            for e in dir.flatten() {
+                let n = e.file_name().to_string_lossy().to_string();
+                let weightish = n.ends_with(".safetensors") || n.ends_with(".safetensors.index.json");
+                if weightish && !written.contains(&n) && !n.starts_with('.') {
+                    std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
+                }
+            }
+        }
+    }
+    if let Some(staging) = staging {
+        let p = staging.keep();
+        if let Err(e) = std::fs::rename(&p, &output.path) {
+            let _ = std::fs::remove_dir_all(&p);
+            return Err(Error::io(&output.path, e));
+        }
+    }
+    report.files = if single_file { vec![output.path.clone()] } else { written.iter().map(|n| final_dir.join(n)).collect() };
+    Ok(report)
+}
+
+fn stage_bytes(dir: &Path, bytes: &[u8]) -> Result<tempfile::NamedTempFile> {
+    use std::io::Write;
+    let mut tmp = tempfile::Builder::new().prefix(".adapterkit-").tempfile_in(dir).map_err(|e| Error::io(dir, e))?;
+    tmp.write_all(bytes).map_err(|e| Error::io(tmp.path(), e))?;
+    Ok(tmp)
+}
+
+fn same_path(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}

@@ -1,0 +1,28 @@
+//! adapterkit's math: per-family deltas, the merge planner and the streaming merge executor.
+//!
+//! A merge is parse → validate → plan → execute: [`plan::plan`] checks every adapter against the
+//! base and reports all problems together; [`execute::execute`] streams the base through the
+//! plan into the output. [`merge`] does both.
+
+pub mod error;
+pub mod execute;
+pub mod kernels;
+pub mod plan;
+
+pub use error::{Error, Problem, Result};
+pub use execute::{execute, ExecOptions, MergeReport, Output, Sharding};
+pub use plan::{plan, OutDType, Plan, WeightedAdapter};
+
+use adapterkit_formats::Checkpoint;
+
+/// Validate, plan and execute a merge of `adapters` into `base`.
+pub fn merge(
+    base: &Checkpoint,
+    adapters: Vec<WeightedAdapter>,
+    out_dtype: OutDType,
+    output: &Output,
+    opts: &ExecOptions,
+) -> Result<MergeReport> {
+    let p = plan::plan(base.root(), base, base.tensors(), adapters, out_dtype)?;
+    execute::execute(base, &p, output, opts)
+}
