@@ -14,6 +14,8 @@
 #   BENCH_LAYERS=N                   decoder layers of the generated checkpoint (default 22;
 #                                    a small N makes a quick smoke test)
 #   BENCH_SYNC=0                     do not `sync` (untimed) before each timed command
+#   BENCH_VERIFY=0                   skip checking the warm-up merge's output against a numpy
+#                                    reference with bench/check_merge.py (~25 s at 22 layers)
 #   BENCH_TIME_SYNC=1                time `CMD && sync` instead of CMD, for both cp and merge, so
 #                                    the write-back of the output to disk is inside the timing
 #
@@ -29,6 +31,7 @@ RUNS=${2:-5}
 LAYERS=${BENCH_LAYERS:-22}
 SYNC=${BENCH_SYNC:-1}
 TIME_SYNC=${BENCH_TIME_SYNC:-0}
+VERIFY=${BENCH_VERIFY:-1}
 
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS must be a positive integer, got '$RUNS'"
 [[ $LAYERS =~ ^[1-9][0-9]*$ ]] || die "BENCH_LAYERS must be a positive integer, got '$LAYERS'"
@@ -129,6 +132,10 @@ run_merge() {
         (( n > 0 )) || die "merge exited 0 but wrote no .safetensors into $OUT_MERGE"
         out_bytes=$(du -sb "$OUT_MERGE" | cut -f1)
         note "   merge output: $n safetensors file(s), $(( out_bytes >> 20 )) MiB (base data: $(( base_bytes >> 20 )) MiB)"
+        if [[ $VERIFY != 0 ]]; then
+            python3 "$REPO/bench/check_merge.py" "$BASE" "$ADAPTER" "$OUT_MERGE" >&2 \
+                || die "the merged checkpoint does not match the reference (BENCH_VERIFY=0 skips this check)"
+        fi
     fi
     rm -rf "$OUT_MERGE"
 }

@@ -25,7 +25,9 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
-fn dtype_summary<'a>(tensors: impl Iterator<Item = &'a TensorInfo>) -> (BTreeMap<String, (u64, u64)>, u64, u64) {
+fn dtype_summary<'a>(
+    tensors: impl Iterator<Item = &'a TensorInfo>,
+) -> (BTreeMap<String, (u64, u64)>, u64, u64) {
     let mut by = BTreeMap::new();
     let (mut params, mut bytes) = (0, 0);
     for t in tensors {
@@ -44,7 +46,11 @@ fn is_adapter_dir(path: &Path) -> bool {
 
 /// Run `inspect` on `path`.
 pub fn run(path: &Path, as_json: bool) -> Result<()> {
-    let v = if is_adapter_dir(path) { describe_adapter(path)? } else { describe_base(path)? };
+    let v = if is_adapter_dir(path) {
+        describe_adapter(path)?
+    } else {
+        describe_base(path)?
+    };
     if as_json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -61,18 +67,36 @@ fn describe_adapter(path: &Path) -> Result<Value> {
             let file = SafetensorsFile::open(&ad.path)?;
             let (dtypes, params, bytes) = dtype_summary(file.tensors().iter());
             let mut modules = Vec::new();
-            let mut groups: BTreeMap<String, BTreeMap<&str, BTreeMap<String, u64>>> = BTreeMap::new();
+            let mut groups: BTreeMap<String, BTreeMap<&str, BTreeMap<String, u64>>> =
+                BTreeMap::new();
             for m in &ad.modules {
-                let mut entry = json!({"module": m.module, "target": m.target, "kind": m.payload.kind()});
+                let mut entry =
+                    json!({"module": m.module, "target": m.target, "kind": m.payload.kind()});
                 let leaf = m.module.rsplit('.').next().unwrap_or(&m.module).to_string();
-                let g = groups.entry(format!("{leaf} ({})", m.payload.kind())).or_default();
-                *g.entry("count").or_default().entry(String::new()).or_default() += 1;
+                let g = groups
+                    .entry(format!("{leaf} ({})", m.payload.kind()))
+                    .or_default();
+                *g.entry("count")
+                    .or_default()
+                    .entry(String::new())
+                    .or_default() += 1;
                 if let Payload::LowRank(lr) = &m.payload {
                     let layer = match &lr.layer {
-                        LayerKind::Linear { fan_in_fan_out: false } => "linear".to_string(),
-                        LayerKind::Linear { fan_in_fan_out: true } => "linear (fan_in_fan_out)".to_string(),
+                        LayerKind::Linear {
+                            fan_in_fan_out: false,
+                        } => "linear".to_string(),
+                        LayerKind::Linear {
+                            fan_in_fan_out: true,
+                        } => "linear (fan_in_fan_out)".to_string(),
                         LayerKind::Embedding => "embedding".to_string(),
-                        LayerKind::Conv { kernel } => format!("conv {}", kernel.iter().map(|k| k.to_string()).collect::<Vec<_>>().join("×")),
+                        LayerKind::Conv { kernel } => format!(
+                            "conv {}",
+                            kernel
+                                .iter()
+                                .map(|k| k.to_string())
+                                .collect::<Vec<_>>()
+                                .join("×")
+                        ),
                     };
                     entry["layer"] = json!(layer);
                     entry["rank"] = json!(lr.rank);
@@ -80,9 +104,18 @@ fn describe_adapter(path: &Path) -> Result<Value> {
                     entry["scale"] = json!(lr.scale);
                     entry["rslora"] = json!(lr.rslora);
                     entry["dora"] = json!(lr.magnitude.is_some());
-                    *g.entry("rank").or_default().entry(lr.rank.to_string()).or_default() += 1;
-                    *g.entry("alpha").or_default().entry(lr.alpha.to_string()).or_default() += 1;
-                    *g.entry("scale").or_default().entry(format!("{:.4}", lr.scale)).or_default() += 1;
+                    *g.entry("rank")
+                        .or_default()
+                        .entry(lr.rank.to_string())
+                        .or_default() += 1;
+                    *g.entry("alpha")
+                        .or_default()
+                        .entry(lr.alpha.to_string())
+                        .or_default() += 1;
+                    *g.entry("scale")
+                        .or_default()
+                        .entry(format!("{:.4}", lr.scale))
+                        .or_default() += 1;
                     *g.entry("layer").or_default().entry(layer).or_default() += 1;
                 }
                 modules.push(entry);
@@ -95,7 +128,10 @@ fn describe_adapter(path: &Path) -> Result<Value> {
                         if field == "count" {
                             o.insert("count".into(), json!(vals.values().sum::<u64>()));
                         } else {
-                            o.insert(field.to_string(), json!(vals.keys().cloned().collect::<Vec<_>>()));
+                            o.insert(
+                                field.to_string(),
+                                json!(vals.keys().cloned().collect::<Vec<_>>()),
+                            );
                         }
                     }
                     (k, Value::Object(o))
@@ -156,7 +192,9 @@ fn describe_adapter(path: &Path) -> Result<Value> {
 fn describe_base(path: &Path) -> Result<Value> {
     let ck = Checkpoint::open(path).with_context(|| format!("opening {}", path.display()))?;
     let (dtypes, params, bytes) = dtype_summary(ck.tensors());
-    let looks_like_adapter = ck.tensors().any(|t| t.name.contains(".lora_A.") || t.name.contains(".lora_embedding_A"));
+    let looks_like_adapter = ck
+        .tensors()
+        .any(|t| t.name.contains(".lora_A.") || t.name.contains(".lora_embedding_A"));
     let layout = match ck.layout() {
         adapterkit_formats::checkpoint::Layout::File => "file".to_string(),
         adapterkit_formats::checkpoint::Layout::Directory => "directory".to_string(),
@@ -201,11 +239,17 @@ fn print_text(v: &Value) {
             if let Some(Value::Object(groups)) = v.get("groups") {
                 for (name, g) in groups {
                     let field = |f: &str| {
-                        g.get(f)
-                            .and_then(Value::as_array)
-                            .map(|a| a.iter().map(|x| x.as_str().unwrap_or_default().to_string()).collect::<Vec<_>>().join(","))
+                        g.get(f).and_then(Value::as_array).map(|a| {
+                            a.iter()
+                                .map(|x| x.as_str().unwrap_or_default().to_string())
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        })
                     };
-                    let mut line = format!("    {name:<28} ×{}", g.get("count").and_then(Value::as_u64).unwrap_or(0));
+                    let mut line = format!(
+                        "    {name:<28} ×{}",
+                        g.get("count").and_then(Value::as_u64).unwrap_or(0)
+                    );
                     for f in ["layer", "rank", "alpha", "scale"] {
                         if let Some(x) = field(f) {
                             line.push_str(&format!("  {f} {x}"));
@@ -226,7 +270,10 @@ fn print_text(v: &Value) {
         let parts: Vec<String> = d
             .iter()
             .map(|(k, x)| match x {
-                Value::Object(o) => format!("{k} ×{}", o.get("tensors").and_then(Value::as_u64).unwrap_or(0)),
+                Value::Object(o) => format!(
+                    "{k} ×{}",
+                    o.get("tensors").and_then(Value::as_u64).unwrap_or(0)
+                ),
                 other => format!("{k} ×{other}"),
             })
             .collect();

@@ -85,9 +85,13 @@ fn parse_dtype(s: &str) -> Result<OutDType> {
 /// Parse a size such as `5GB`, `500MB`, `2GiB` or a plain number of bytes.
 fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().with_context(|| format!("--shard-size {s:?}: not a size"))?;
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("--shard-size {s:?}: not a size"))?;
     let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 1.0,
         "KB" => 1e3,
@@ -115,25 +119,46 @@ fn run_merge(a: MergeArgs) -> Result<()> {
     };
     let weights = match a.weights {
         Some(w) if w.len() != a.adapters.len() => {
-            bail!("--weights has {} value(s) but {} adapter(s) were given", w.len(), a.adapters.len())
+            bail!(
+                "--weights has {} value(s) but {} adapter(s) were given",
+                w.len(),
+                a.adapters.len()
+            )
         }
         Some(w) => w,
         None => vec![1.0; a.adapters.len()],
     };
-    let base = Checkpoint::open(&a.base).with_context(|| format!("opening base {}", a.base.display()))?;
+    let base =
+        Checkpoint::open(&a.base).with_context(|| format!("opening base {}", a.base.display()))?;
     let mut adapters = Vec::new();
     let mut errors = Vec::new();
     for (p, w) in a.adapters.iter().zip(weights) {
         match peft::open(p) {
-            Ok(pa) => adapters.push(WeightedAdapter { adapter: pa.adapter, weight: w }),
+            Ok(pa) => adapters.push(WeightedAdapter {
+                adapter: pa.adapter,
+                weight: w,
+            }),
             Err(e) => errors.push(format!("{}: {e}", p.display())),
         }
     }
     if !errors.is_empty() {
-        bail!("cannot read {} adapter(s), nothing written:\n{}", errors.len(), errors.join("\n"));
+        bail!(
+            "cannot read {} adapter(s), nothing written:\n{}",
+            errors.len(),
+            errors.join("\n")
+        );
     }
-    let output = Output { path: a.output.clone(), sharding, in_place: a.in_place, overwrite: a.force || a.in_place };
-    let opts = ExecOptions { threads: a.threads, allow_nonfinite: a.allow_nonfinite, ..Default::default() };
+    let output = Output {
+        path: a.output.clone(),
+        sharding,
+        in_place: a.in_place,
+        overwrite: a.force || a.in_place,
+    };
+    let opts = ExecOptions {
+        threads: a.threads,
+        allow_nonfinite: a.allow_nonfinite,
+        ..Default::default()
+    };
     let started = std::time::Instant::now();
     let report = adapterkit_ops::merge(&base, adapters, out_dtype, &output, &opts)?;
     let secs = started.elapsed().as_secs_f64();
@@ -178,7 +203,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
                 return ExitCode::SUCCESS;
             }
             eprintln!("error: {e}");

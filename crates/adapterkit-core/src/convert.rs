@@ -135,7 +135,11 @@ pub fn decode_f8(dtype: DType, b: u8) -> f32 {
     let exp_max = (1u32 << exp_bits) - 1;
     if !fnuz {
         if dtype == DType::F8E5M2 && exp == exp_max {
-            return if man == 0 { sign * f32::INFINITY } else { f32::NAN };
+            return if man == 0 {
+                sign * f32::INFINITY
+            } else {
+                f32::NAN
+            };
         }
         if dtype == DType::F8E4M3 && exp == exp_max && man == (1 << man_bits) - 1 {
             return f32::NAN;
@@ -169,7 +173,7 @@ mod tests {
 
     #[test]
     fn unaligned_buffers_decode() {
-        let mut raw = vec![0u8; 9];
+        let mut raw = [0u8; 9];
         raw[1..5].copy_from_slice(&1.5f32.to_le_bytes());
         raw[5..9].copy_from_slice(&(-4.0f32).to_le_bytes());
         let mut out = [0f32; 2];

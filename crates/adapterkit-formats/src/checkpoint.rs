@@ -16,7 +16,8 @@ pub const MAX_JSON_LEN: u64 = 64 << 20;
 
 /// File extensions of weight formats other than safetensors. They are never copied into a merged
 /// output (they would hold the unmerged weights) and pickled ones are never opened.
-pub const OTHER_WEIGHT_EXTENSIONS: &[&str] = &["bin", "pt", "pth", "ckpt", "h5", "msgpack", "gguf", "pkl"];
+pub const OTHER_WEIGHT_EXTENSIONS: &[&str] =
+    &["bin", "pt", "pth", "ckpt", "h5", "msgpack", "gguf", "pkl"];
 
 /// How the checkpoint is laid out on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +49,9 @@ pub struct Checkpoint {
 
 /// Read a JSON file with a size cap.
 pub fn read_json(path: &Path) -> Result<Value> {
-    let len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
     if len > MAX_JSON_LEN {
         return Err(Error::InvalidConfig {
             path: path.to_path_buf(),
@@ -75,24 +78,44 @@ impl Checkpoint {
         let path = path.as_ref();
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         if meta.is_file() {
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
             if is_other_weight(name) {
-                return Err(Error::PickleRefused { path: path.to_path_buf() });
+                return Err(Error::PickleRefused {
+                    path: path.to_path_buf(),
+                });
             }
             let root = path.parent().unwrap_or(Path::new("")).to_path_buf();
             let shard = SafetensorsFile::open(path)?;
-            return Self::assemble(root, Layout::File, vec![(name.to_string(), shard)], None, None, vec![], vec![]);
+            return Self::assemble(
+                root,
+                Layout::File,
+                vec![(name.to_string(), shard)],
+                None,
+                None,
+                vec![],
+                vec![],
+            );
         }
         let mut files = BTreeSet::new();
         for entry in std::fs::read_dir(path).map_err(|e| Error::io(path, e))? {
             let entry = entry.map_err(|e| Error::io(path, e))?;
-            if entry.file_type().map_err(|e| Error::io(entry.path(), e))?.is_file() {
+            if entry
+                .file_type()
+                .map_err(|e| Error::io(entry.path(), e))?
+                .is_file()
+            {
                 if let Some(n) = entry.file_name().to_str() {
                     files.insert(n.to_string());
                 }
             }
         }
-        let indexes: Vec<&String> = files.iter().filter(|f| f.ends_with(".safetensors.index.json")).collect();
+        let indexes: Vec<&String> = files
+            .iter()
+            .filter(|f| f.ends_with(".safetensors.index.json"))
+            .collect();
         let index_name = if files.contains("model.safetensors.index.json") {
             Some("model.safetensors.index.json".to_string())
         } else if indexes.len() == 1 {
@@ -100,7 +123,14 @@ impl Checkpoint {
         } else if indexes.len() > 1 {
             return Err(Error::NotFound {
                 path: path.to_path_buf(),
-                message: format!("several safetensors indexes ({}); pass one file", indexes.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")),
+                message: format!(
+                    "several safetensors indexes ({}); pass one file",
+                    indexes
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             });
         } else {
             None
@@ -114,7 +144,10 @@ impl Checkpoint {
             Some(idx) => {
                 let ipath = path.join(&idx);
                 let v = read_json(&ipath)?;
-                let bad = |m: String| Error::InvalidIndex { path: ipath.clone(), message: m };
+                let bad = |m: String| Error::InvalidIndex {
+                    path: ipath.clone(),
+                    message: m,
+                };
                 let map = v
                     .get("weight_map")
                     .and_then(Value::as_object)
@@ -125,20 +158,31 @@ impl Checkpoint {
                     let file = file
                         .as_str()
                         .ok_or_else(|| bad(format!("weight_map[{tensor:?}] is not a file name")))?;
-                    if file.contains('/') || file.contains('\\') || file == ".." || file.is_empty() {
+                    if file.contains('/') || file.contains('\\') || file == ".." || file.is_empty()
+                    {
                         return Err(bad(format!("weight_map[{tensor:?}] = {file:?} is not a plain file name in the checkpoint directory")));
                     }
                     if !files.contains(file) {
-                        return Err(bad(format!("shard {file:?} (holding {tensor:?}) does not exist")));
+                        return Err(bad(format!(
+                            "shard {file:?} (holding {tensor:?}) does not exist"
+                        )));
                     }
                     names.insert(file.to_string());
                     weight_map.insert(tensor.clone(), file.to_string());
                 }
                 let meta = v.get("metadata").and_then(Value::as_object).cloned();
-                (Layout::Sharded { index: idx }, names.into_iter().collect::<Vec<_>>(), meta, Some(weight_map))
+                (
+                    Layout::Sharded { index: idx },
+                    names.into_iter().collect::<Vec<_>>(),
+                    meta,
+                    Some(weight_map),
+                )
             }
             None => {
-                let st: Vec<&String> = files.iter().filter(|f| f.ends_with(".safetensors")).collect();
+                let st: Vec<&String> = files
+                    .iter()
+                    .filter(|f| f.ends_with(".safetensors"))
+                    .collect();
                 let name = if files.contains("model.safetensors") {
                     "model.safetensors".to_string()
                 } else if st.len() == 1 {
@@ -154,7 +198,10 @@ impl Checkpoint {
                 } else {
                     return Err(Error::NotFound {
                         path: path.to_path_buf(),
-                        message: format!("several safetensors files and no index ({}); pass one file", st.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")),
+                        message: format!(
+                            "several safetensors files and no index ({}); pass one file",
+                            st.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                        ),
                     });
                 };
                 (Layout::Directory, vec![name], None, None)
@@ -173,13 +220,19 @@ impl Checkpoint {
                         Some(f) => {
                             return Err(Error::InvalidIndex {
                                 path: ipath,
-                                message: format!("tensor {:?} is in shard {n:?} but the index maps it to {f:?}", t.name),
+                                message: format!(
+                                    "tensor {:?} is in shard {n:?} but the index maps it to {f:?}",
+                                    t.name
+                                ),
                             })
                         }
                         None => {
                             return Err(Error::InvalidIndex {
                                 path: ipath,
-                                message: format!("tensor {:?} in shard {n:?} is missing from the index", t.name),
+                                message: format!(
+                                    "tensor {:?} in shard {n:?} is missing from the index",
+                                    t.name
+                                ),
                             })
                         }
                     }
@@ -187,13 +240,18 @@ impl Checkpoint {
             }
             let total: usize = shards.iter().map(|(_, s)| s.tensors().len()).sum();
             if total != wm.len() {
-                let missing = wm
-                    .iter()
-                    .find(|(t, f)| shards.iter().find(|(n, _)| n == *f).is_some_and(|(_, s)| s.info(t).is_none()));
+                let missing = wm.iter().find(|(t, f)| {
+                    shards
+                        .iter()
+                        .find(|(n, _)| n == *f)
+                        .is_some_and(|(_, s)| s.info(t).is_none())
+                });
                 return Err(Error::InvalidIndex {
                     path: ipath,
                     message: match missing {
-                        Some((t, f)) => format!("the index maps {t:?} to {f:?} but that shard does not hold it"),
+                        Some((t, f)) => {
+                            format!("the index maps {t:?} to {f:?} but that shard does not hold it")
+                        }
                         None => "index and shards disagree".into(),
                     },
                 });
@@ -202,16 +260,28 @@ impl Checkpoint {
         let mut extra = Vec::new();
         let mut skipped = Vec::new();
         for f in &files {
-            if shard_names.contains(f) || matches!(&layout, Layout::Sharded { index } if index == f) {
+            if shard_names.contains(f) || matches!(&layout, Layout::Sharded { index } if index == f)
+            {
                 continue;
             }
-            if is_other_weight(f) || f.ends_with(".safetensors") || f.ends_with(".safetensors.index.json") {
+            if is_other_weight(f)
+                || f.ends_with(".safetensors")
+                || f.ends_with(".safetensors.index.json")
+            {
                 skipped.push(f.clone());
             } else {
                 extra.push(f.clone());
             }
         }
-        Self::assemble(path.to_path_buf(), layout, shards, index_metadata, config, extra, skipped)
+        Self::assemble(
+            path.to_path_buf(),
+            layout,
+            shards,
+            index_metadata,
+            config,
+            extra,
+            skipped,
+        )
     }
 
     fn assemble(

@@ -25,7 +25,9 @@ pub enum Error {
         message: String,
     },
     /// The file is shorter than the 8-byte safetensors length prefix.
-    #[error("{path}: not a safetensors file: {len} bytes is shorter than the 8-byte header length")]
+    #[error(
+        "{path}: not a safetensors file: {len} bytes is shorter than the 8-byte header length"
+    )]
     FileTooSmall {
         /// The file.
         path: PathBuf,
@@ -43,7 +45,9 @@ pub enum Error {
         cap: u64,
     },
     /// The declared header length runs past the end of the file.
-    #[error("{path}: safetensors header of {size} bytes runs past the end of the {file_len}-byte file")]
+    #[error(
+        "{path}: safetensors header of {size} bytes runs past the end of the {file_len}-byte file"
+    )]
     HeaderOutOfBounds {
         /// The file.
         path: PathBuf,
@@ -79,25 +83,8 @@ pub enum Error {
         tensor: String,
     },
     /// A tensor's byte range disagrees with its dtype and shape.
-    #[error("{path}: tensor {tensor:?} ({dtype} {shape:?}) needs {expected} bytes but data_offsets [{begin}, {end}] hold {found}")]
-    TensorSizeMismatch {
-        /// The file.
-        path: PathBuf,
-        /// The tensor.
-        tensor: String,
-        /// Its dtype name.
-        dtype: String,
-        /// Its shape.
-        shape: Vec<u64>,
-        /// Bytes needed.
-        expected: u64,
-        /// Bytes given.
-        found: u64,
-        /// Start offset.
-        begin: u64,
-        /// End offset.
-        end: u64,
-    },
+    #[error("{}: tensor {:?} ({} {:?}) needs {} bytes but data_offsets [{}, {}] hold {}", .0.path.display(), .0.tensor, .0.dtype, .0.shape, .0.expected, .0.begin, .0.end, .0.found)]
+    TensorSizeMismatch(Box<SizeMismatch>),
     /// The tensors' byte ranges do not tile the data section exactly.
     #[error("{path}: data section not covered exactly: {message}")]
     DataLayout {
@@ -159,6 +146,27 @@ pub enum Error {
     /// A tensor could not be converted.
     #[error(transparent)]
     Core(#[from] adapterkit_core::Error),
+}
+
+/// The details of [`Error::TensorSizeMismatch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SizeMismatch {
+    /// The file.
+    pub path: PathBuf,
+    /// The tensor.
+    pub tensor: String,
+    /// Its dtype name.
+    pub dtype: String,
+    /// Its shape.
+    pub shape: Vec<u64>,
+    /// Bytes needed.
+    pub expected: u64,
+    /// Bytes given.
+    pub found: u64,
+    /// Start offset.
+    pub begin: u64,
+    /// End offset.
+    pub end: u64,
 }
 
 impl Error {

@@ -21,16 +21,63 @@ use crate::safetensors::SafetensorsFile;
 
 /// Every `peft_type` of PEFT 0.21, so an unknown one is told apart from one not supported yet.
 pub const KNOWN_PEFT_TYPES: &[&str] = &[
-    "PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "LORA", "ADALORA", "ADAMSS", "BOFT",
-    "ADAPTION_PROMPT", "IA3", "BEFT", "LILY", "LOHA", "LOKR", "OFT", "POLY", "LN_TUNING", "VERA", "FROD", "PVERA",
-    "FOURIERFT", "GLORA", "XLORA", "HRA", "VBLORA", "UNILORA", "CPT", "BONE", "MISS", "RANDLORA", "ROAD",
-    "TRAINABLE_TOKENS", "HIRA", "SHIRA", "C3A", "WAVEFT", "OSF", "DELORA", "GRALORA", "CARTRIDGE", "TINYLORA",
-    "PSOFT", "PEANUT", "SHADOW", "SUPERTUNING", "DEFT",
+    "PROMPT_TUNING",
+    "MULTITASK_PROMPT_TUNING",
+    "P_TUNING",
+    "PREFIX_TUNING",
+    "LORA",
+    "ADALORA",
+    "ADAMSS",
+    "BOFT",
+    "ADAPTION_PROMPT",
+    "IA3",
+    "BEFT",
+    "LILY",
+    "LOHA",
+    "LOKR",
+    "OFT",
+    "POLY",
+    "LN_TUNING",
+    "VERA",
+    "FROD",
+    "PVERA",
+    "FOURIERFT",
+    "GLORA",
+    "XLORA",
+    "HRA",
+    "VBLORA",
+    "UNILORA",
+    "CPT",
+    "BONE",
+    "MISS",
+    "RANDLORA",
+    "ROAD",
+    "TRAINABLE_TOKENS",
+    "HIRA",
+    "SHIRA",
+    "C3A",
+    "WAVEFT",
+    "OSF",
+    "DELORA",
+    "GRALORA",
+    "CARTRIDGE",
+    "TINYLORA",
+    "PSOFT",
+    "PEANUT",
+    "SHADOW",
+    "SUPERTUNING",
+    "DEFT",
 ];
 
 /// Prompt-learning methods: they add virtual tokens at run time and have no weights to merge.
-pub const PROMPT_LEARNING_TYPES: &[&str] =
-    &["PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT", "CPT"];
+pub const PROMPT_LEARNING_TYPES: &[&str] = &[
+    "PROMPT_TUNING",
+    "MULTITASK_PROMPT_TUNING",
+    "P_TUNING",
+    "PREFIX_TUNING",
+    "ADAPTION_PROMPT",
+    "CPT",
+];
 
 /// The prefix PEFT puts before module paths in saved keys.
 pub const KEY_PREFIX: &str = "base_model.model.";
@@ -108,7 +155,10 @@ fn get_bool(path: &Path, v: &Value, key: &str) -> Result<bool> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
-        Some(other) => Err(cfg_err(path, format!("{key} must be true or false, found {other}"))),
+        Some(other) => Err(cfg_err(
+            path,
+            format!("{key} must be true or false, found {other}"),
+        )),
     }
 }
 
@@ -119,20 +169,33 @@ fn pattern_regex(key: &str) -> std::result::Result<Regex, regex::Error> {
 impl LoraConfig {
     /// Parse the LoRA fields of a config object, checking each field's type.
     pub fn from_json(path: &Path, v: &Value) -> Result<Self> {
-        let peft_type = v.get("peft_type").and_then(Value::as_str).unwrap_or_default().to_string();
+        let peft_type = v
+            .get("peft_type")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
         let r = match v.get("r") {
             None | Some(Value::Null) => 8,
-            Some(x) => x.as_u64().filter(|&r| r > 0).ok_or_else(|| cfg_err(path, format!("r must be a positive integer, found {x}")))?,
+            Some(x) => x
+                .as_u64()
+                .filter(|&r| r > 0)
+                .ok_or_else(|| cfg_err(path, format!("r must be a positive integer, found {x}")))?,
         };
         let lora_alpha = match v.get("lora_alpha") {
             None | Some(Value::Null) => 8.0,
-            Some(x) => x.as_f64().ok_or_else(|| cfg_err(path, format!("lora_alpha must be a number, found {x}")))?,
+            Some(x) => x
+                .as_f64()
+                .ok_or_else(|| cfg_err(path, format!("lora_alpha must be a number, found {x}")))?,
         };
         let selector = |key: &str| -> Result<Option<ModuleSelector>> {
             match v.get(key) {
                 None => Ok(None),
-                Some(x) => ModuleSelector::from_value(x)
-                    .ok_or_else(|| cfg_err(path, format!("{key} must be a list of names, a regex string or null, found {x}"))),
+                Some(x) => ModuleSelector::from_value(x).ok_or_else(|| {
+                    cfg_err(
+                        path,
+                        format!("{key} must be a list of names, a regex string or null, found {x}"),
+                    )
+                }),
             }
         };
         let strings = |key: &str| -> Result<Vec<String>> {
@@ -144,7 +207,10 @@ impl LoraConfig {
                     .map(|x| x.as_str().map(str::to_string))
                     .collect::<Option<Vec<_>>>()
                     .ok_or_else(|| cfg_err(path, format!("{key} must be a list of strings"))),
-                Some(x) => Err(cfg_err(path, format!("{key} must be a list of strings, found {x}"))),
+                Some(x) => Err(cfg_err(
+                    path,
+                    format!("{key} must be a list of strings, found {x}"),
+                )),
             }
         };
         let pattern = |key: &str| -> Result<Vec<(String, f64)>> {
@@ -153,9 +219,9 @@ impl LoraConfig {
                 Some(Value::Object(m)) => m
                     .iter()
                     .map(|(k, x)| {
-                        x.as_f64()
-                            .map(|f| (k.clone(), f))
-                            .ok_or_else(|| cfg_err(path, format!("{key}[{k:?}] must be a number, found {x}")))
+                        x.as_f64().map(|f| (k.clone(), f)).ok_or_else(|| {
+                            cfg_err(path, format!("{key}[{k:?}] must be a number, found {x}"))
+                        })
                     })
                     .collect(),
                 Some(x) => Err(cfg_err(path, format!("{key} must be an object, found {x}"))),
@@ -167,7 +233,10 @@ impl LoraConfig {
                 if f >= 1.0 && f.fract() == 0.0 {
                     Ok((k, f as u64))
                 } else {
-                    Err(cfg_err(path, format!("rank_pattern[{k:?}] must be a positive integer, found {f}")))
+                    Err(cfg_err(
+                        path,
+                        format!("rank_pattern[{k:?}] must be a positive integer, found {f}"),
+                    ))
                 }
             })
             .collect::<Result<Vec<_>>>()?;
@@ -175,18 +244,33 @@ impl LoraConfig {
             None | Some(Value::Null) => None,
             Some(Value::Array(a)) if a.is_empty() => None,
             Some(x) => Some(match x {
-                Value::Number(n) => vec![n.as_u64().ok_or_else(|| cfg_err(path, "layers_to_transform must be non-negative"))?],
+                Value::Number(n) => vec![n
+                    .as_u64()
+                    .ok_or_else(|| cfg_err(path, "layers_to_transform must be non-negative"))?],
                 Value::Array(a) => a
                     .iter()
                     .map(Value::as_u64)
                     .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| cfg_err(path, "layers_to_transform must be a list of non-negative integers"))?,
-                other => return Err(cfg_err(path, format!("layers_to_transform must be an integer or list, found {other}"))),
+                    .ok_or_else(|| {
+                        cfg_err(
+                            path,
+                            "layers_to_transform must be a list of non-negative integers",
+                        )
+                    })?,
+                other => {
+                    return Err(cfg_err(
+                        path,
+                        format!("layers_to_transform must be an integer or list, found {other}"),
+                    ))
+                }
             }),
         };
         let cfg = LoraConfig {
             peft_type,
-            base_model: v.get("base_model_name_or_path").and_then(Value::as_str).map(str::to_string),
+            base_model: v
+                .get("base_model_name_or_path")
+                .and_then(Value::as_str)
+                .map(str::to_string),
             r,
             lora_alpha,
             use_rslora: get_bool(path, v, "use_rslora")?,
@@ -201,8 +285,18 @@ impl LoraConfig {
             layers_to_transform,
             layers_pattern: strings("layers_pattern")?,
         };
-        for (k, _) in cfg.rank_pattern.iter().map(|(k, r)| (k, *r as f64)).chain(cfg.alpha_pattern.iter().map(|(k, a)| (k, *a))) {
-            pattern_regex(k).map_err(|e| cfg_err(path, format!("pattern key {k:?} is not a regex adapterkit can evaluate: {e}")))?;
+        for (k, _) in cfg
+            .rank_pattern
+            .iter()
+            .map(|(k, r)| (k, *r as f64))
+            .chain(cfg.alpha_pattern.iter().map(|(k, a)| (k, *a)))
+        {
+            pattern_regex(k).map_err(|e| {
+                cfg_err(
+                    path,
+                    format!("pattern key {k:?} is not a regex adapterkit can evaluate: {e}"),
+                )
+            })?;
         }
         // Fields that change what the saved tensors mean. Initialisation-only options (loftq,
         // eva, corda, lora_ga configs) do not, and are accepted.
@@ -219,7 +313,9 @@ impl LoraConfig {
             "use_qalora",
             "megatron_config",
         ] {
-            if v.get(key).is_some_and(|x| !x.is_null() && *x != Value::Bool(false)) {
+            if v.get(key)
+                .is_some_and(|x| !x.is_null() && *x != Value::Bool(false))
+            {
                 return Err(Error::UnsupportedPeftType {
                     path: path.to_path_buf(),
                     peft_type: format!("LORA with {key}"),
@@ -261,8 +357,12 @@ impl LoraConfig {
 
     fn selector_matches(sel: &ModuleSelector, module: &str, linear: bool) -> bool {
         match sel {
-            ModuleSelector::List(l) => l.iter().any(|t| module == t || module.ends_with(&format!(".{t}"))),
-            ModuleSelector::Regex(r) => Regex::new(&format!("^(?:{r})$")).is_ok_and(|re| re.is_match(module)),
+            ModuleSelector::List(l) => l
+                .iter()
+                .any(|t| module == t || module.ends_with(&format!(".{t}"))),
+            ModuleSelector::Regex(r) => {
+                Regex::new(&format!("^(?:{r})$")).is_ok_and(|re| re.is_match(module))
+            }
             ModuleSelector::AllLinear => linear && module.rsplit('.').next() != Some("lm_head"),
         }
     }
@@ -271,7 +371,10 @@ impl LoraConfig {
         let patterns: Vec<String> = if self.layers_pattern.is_empty() {
             vec![r"^.*?\.[^.]*\.(\d+)\.".to_string()]
         } else {
-            self.layers_pattern.iter().map(|p| format!(r"^(?:|.*?\.){p}\.(\d+)\.")).collect()
+            self.layers_pattern
+                .iter()
+                .map(|p| format!(r"^(?:|.*?\.){p}\.(\d+)\."))
+                .collect()
         };
         patterns.iter().find_map(|p| {
             Regex::new(p)
@@ -294,9 +397,9 @@ impl LoraConfig {
         };
         let found = Self::selector_matches(sel, module, linear);
         match (&self.layers_to_transform, sel) {
-            (Some(layers), ModuleSelector::List(_)) if found => {
-                self.layer_index(module).is_some_and(|i| layers.contains(&i))
-            }
+            (Some(layers), ModuleSelector::List(_)) if found => self
+                .layer_index(module)
+                .is_some_and(|i| layers.contains(&i)),
             _ => found,
         }
     }
@@ -332,7 +435,10 @@ pub fn resolve_dir(path: &Path) -> Result<PathBuf> {
             path: path.to_path_buf(),
             message: format!(
                 "holds several named adapters ({}); pass one of them",
-                subs.iter().filter_map(|p| p.file_name()?.to_str()).collect::<Vec<_>>().join(", ")
+                subs.iter()
+                    .filter_map(|p| p.file_name()?.to_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         }),
     }
@@ -407,7 +513,12 @@ pub fn open(path: &Path) -> Result<PeftAdapter> {
     }
     let peft_type = match json.get("peft_type") {
         Some(Value::String(s)) => s.clone(),
-        Some(other) => return Err(cfg_err(&cfg_path, format!("peft_type must be a string, found {other}"))),
+        Some(other) => {
+            return Err(cfg_err(
+                &cfg_path,
+                format!("peft_type must be a string, found {other}"),
+            ))
+        }
         None => return Err(cfg_err(&cfg_path, "missing required field peft_type")),
     };
     if !KNOWN_PEFT_TYPES.contains(&peft_type.as_str()) {
@@ -435,7 +546,9 @@ pub fn open(path: &Path) -> Result<PeftAdapter> {
     if !st_path.is_file() {
         for pickled in ["adapter_model.bin", "adapter_model.pt", "adapter_model.pth"] {
             if dir.join(pickled).is_file() {
-                return Err(Error::PickleRefused { path: dir.join(pickled) });
+                return Err(Error::PickleRefused {
+                    path: dir.join(pickled),
+                });
             }
         }
         return Err(Error::NotFound {
@@ -466,14 +579,21 @@ fn shape_str(t: &TensorInfo) -> String {
     format!("{:?}", t.shape)
 }
 
-fn build_modules(path: &Path, cfg: &LoraConfig, file: &SafetensorsFile) -> Result<Vec<ModuleAdapter>> {
+fn build_modules(
+    path: &Path,
+    cfg: &LoraConfig,
+    file: &SafetensorsFile,
+) -> Result<Vec<ModuleAdapter>> {
     let mut problems = Vec::new();
     let mut groups: BTreeMap<String, Parts> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
     let mut full: Vec<(&TensorInfo, String)> = Vec::new();
     for t in file.tensors() {
         if !t.dtype.is_float() {
-            problems.push(format!("tensor {:?}: dtype {} is not a floating-point type", t.name, t.dtype));
+            problems.push(format!(
+                "tensor {:?}: dtype {} is not a floating-point type",
+                t.name, t.dtype
+            ));
             continue;
         }
         let key = t.name.strip_prefix(KEY_PREFIX).unwrap_or(&t.name);
@@ -504,8 +624,12 @@ fn build_modules(path: &Path, cfg: &LoraConfig, file: &SafetensorsFile) -> Resul
         let (a, b, layer) = match (p.a, p.b, p.emb_a, p.emb_b) {
             (Some(a), Some(b), None, None) => {
                 let layer = match a.shape.len() {
-                    2 => LayerKind::Linear { fan_in_fan_out: cfg.fan_in_fan_out },
-                    3..=5 => LayerKind::Conv { kernel: a.shape[2..].to_vec() },
+                    2 => LayerKind::Linear {
+                        fan_in_fan_out: cfg.fan_in_fan_out,
+                    },
+                    3..=5 => LayerKind::Conv {
+                        kernel: a.shape[2..].to_vec(),
+                    },
                     _ => {
                         problems.push(format!("tensor {:?}: lora_A must be 2-D (linear) or 3- to 5-D (conv), found shape {}", a.name, shape_str(a)));
                         continue;
@@ -515,10 +639,15 @@ fn build_modules(path: &Path, cfg: &LoraConfig, file: &SafetensorsFile) -> Resul
             }
             (None, None, Some(a), Some(b)) => (a, b, LayerKind::Embedding),
             _ => {
-                let have: Vec<&str> = [(p.a, "lora_A"), (p.b, "lora_B"), (p.emb_a, "lora_embedding_A"), (p.emb_b, "lora_embedding_B")]
-                    .iter()
-                    .filter_map(|(t, n)| t.map(|_| *n))
-                    .collect();
+                let have: Vec<&str> = [
+                    (p.a, "lora_A"),
+                    (p.b, "lora_B"),
+                    (p.emb_a, "lora_embedding_A"),
+                    (p.emb_b, "lora_embedding_B"),
+                ]
+                .iter()
+                .filter_map(|(t, n)| t.map(|_| *n))
+                .collect();
                 problems.push(format!("module {module:?}: incomplete LoRA pair: found only {} (expected lora_A + lora_B, or lora_embedding_A + lora_embedding_B)", have.join(" + ")));
                 continue;
             }
@@ -526,13 +655,25 @@ fn build_modules(path: &Path, cfg: &LoraConfig, file: &SafetensorsFile) -> Resul
         let is_linear = matches!(layer, LayerKind::Linear { .. });
         // Shapes: A is (r, in, k…), B is (out, r, 1…) for linear/conv; embedding A (r, n), B (d, r).
         let b_rank_dim = 1;
-        if b.shape.len() < 2 || (matches!(layer, LayerKind::Conv { .. }) && b.shape.len() != a.shape.len()) || (!matches!(layer, LayerKind::Conv { .. }) && (a.shape.len() != 2 || b.shape.len() != 2)) {
-            problems.push(format!("module {module:?}: lora_A {} and lora_B {} do not have matching dimensionality", shape_str(a), shape_str(b)));
+        if b.shape.len() < 2
+            || (matches!(layer, LayerKind::Conv { .. }) && b.shape.len() != a.shape.len())
+            || (!matches!(layer, LayerKind::Conv { .. })
+                && (a.shape.len() != 2 || b.shape.len() != 2))
+        {
+            problems.push(format!(
+                "module {module:?}: lora_A {} and lora_B {} do not have matching dimensionality",
+                shape_str(a),
+                shape_str(b)
+            ));
             continue;
         }
         if let LayerKind::Conv { .. } = &layer {
             if b.shape[2..].iter().any(|&d| d != 1) {
-                problems.push(format!("tensor {:?}: a conv lora_B must have a 1×1 kernel, found shape {}", b.name, shape_str(b)));
+                problems.push(format!(
+                    "tensor {:?}: a conv lora_B must have a 1×1 kernel, found shape {}",
+                    b.name,
+                    shape_str(b)
+                ));
                 continue;
             }
         }
@@ -574,17 +715,26 @@ fn build_modules(path: &Path, cfg: &LoraConfig, file: &SafetensorsFile) -> Resul
                     _ => vec![out_dim],
                 };
                 if m.numel() != out_dim || (m.shape != want && m.shape != vec![out_dim]) {
-                    problems.push(format!("tensor {:?}: DoRA magnitude should have shape {want:?}, found {}", m.name, shape_str(m)));
+                    problems.push(format!(
+                        "tensor {:?}: DoRA magnitude should have shape {want:?}, found {}",
+                        m.name,
+                        shape_str(m)
+                    ));
                     continue;
                 }
                 Some(m.name.clone())
             }
             (Some(m), false) => {
-                problems.push(format!("tensor {:?}: a DoRA magnitude vector but the config has use_dora=false", m.name));
+                problems.push(format!(
+                    "tensor {:?}: a DoRA magnitude vector but the config has use_dora=false",
+                    m.name
+                ));
                 continue;
             }
             (None, true) => {
-                problems.push(format!("module {module:?}: use_dora=true but there is no lora_magnitude_vector"));
+                problems.push(format!(
+                    "module {module:?}: use_dora=true but there is no lora_magnitude_vector"
+                ));
                 continue;
             }
             (None, false) => None,
@@ -608,26 +758,41 @@ fn build_modules(path: &Path, cfg: &LoraConfig, file: &SafetensorsFile) -> Resul
         });
         if let Some(bias) = p.bias {
             if !cfg.lora_bias {
-                problems.push(format!("tensor {:?}: a lora_B bias but the config has lora_bias=false", bias.name));
+                problems.push(format!(
+                    "tensor {:?}: a lora_B bias but the config has lora_bias=false",
+                    bias.name
+                ));
             } else if bias.shape != vec![out_dim] {
-                problems.push(format!("tensor {:?}: lora_B bias should have shape [{out_dim}], found {}", bias.name, shape_str(bias)));
+                problems.push(format!(
+                    "tensor {:?}: lora_B bias should have shape [{out_dim}], found {}",
+                    bias.name,
+                    shape_str(bias)
+                ));
             } else {
                 out.push(ModuleAdapter {
                     module: module.clone(),
                     target: format!("{module}.bias"),
                     family: Family::Lora,
-                    payload: Payload::Add { tensor: bias.name.clone(), scale },
+                    payload: Payload::Add {
+                        tensor: bias.name.clone(),
+                        scale,
+                    },
                 });
             }
         }
     }
     for (t, target) in full {
-        let module = target.rsplit_once('.').map(|(m, _)| m.to_string()).unwrap_or_default();
+        let module = target
+            .rsplit_once('.')
+            .map(|(m, _)| m.to_string())
+            .unwrap_or_default();
         out.push(ModuleAdapter {
             module,
             target,
             family: Family::Lora,
-            payload: Payload::Replace { tensor: t.name.clone() },
+            payload: Payload::Replace {
+                tensor: t.name.clone(),
+            },
         });
     }
     // Replacements come first so that LoRA updates apply to the saved base layer, as in PEFT.
@@ -681,18 +846,29 @@ mod tests {
         let c = cfg(json!({"peft_type":"LORA","target_modules":"all-linear"}));
         assert!(c.selects("model.layers.0.mlp.up_proj", true));
         assert!(!c.selects("lm_head", true));
-        let c = cfg(json!({"peft_type":"LORA","target_modules":["q_proj"],"layers_to_transform":[1]}));
+        let c =
+            cfg(json!({"peft_type":"LORA","target_modules":["q_proj"],"layers_to_transform":[1]}));
         assert!(c.selects("model.layers.1.self_attn.q_proj", true));
         assert!(!c.selects("model.layers.0.self_attn.q_proj", true));
-        let c = cfg(json!({"peft_type":"LORA","target_modules":["q_proj"],"exclude_modules":["model.layers.0.self_attn.q_proj"]}));
+        let c = cfg(
+            json!({"peft_type":"LORA","target_modules":["q_proj"],"exclude_modules":["model.layers.0.self_attn.q_proj"]}),
+        );
         assert!(!c.selects("model.layers.0.self_attn.q_proj", true));
     }
 
     #[test]
     fn config_type_errors_are_specific() {
-        let e = LoraConfig::from_json(Path::new("c.json"), &json!({"peft_type":"LORA","r":"8"})).unwrap_err();
-        assert!(e.to_string().contains("r must be a positive integer"), "{e}");
-        let e = LoraConfig::from_json(Path::new("c.json"), &json!({"peft_type":"LORA","rank_pattern":{"(?<=x)q":4}})).unwrap_err();
+        let e = LoraConfig::from_json(Path::new("c.json"), &json!({"peft_type":"LORA","r":"8"}))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("r must be a positive integer"),
+            "{e}"
+        );
+        let e = LoraConfig::from_json(
+            Path::new("c.json"),
+            &json!({"peft_type":"LORA","rank_pattern":{"(?<=x)q":4}}),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("not a regex"), "{e}");
     }
 
@@ -700,7 +876,13 @@ mod tests {
     fn classify_keys() {
         assert_eq!(classify("m.q.lora_A.weight"), ("m.q".into(), Role::A));
         assert_eq!(classify("m.e.lora_embedding_B"), ("m.e".into(), Role::EmbB));
-        assert_eq!(classify("m.q.lora_magnitude_vector"), ("m.q".into(), Role::Magnitude));
-        assert_eq!(replaced_target("model.embed_tokens.base_layer.weight"), "model.embed_tokens.weight");
+        assert_eq!(
+            classify("m.q.lora_magnitude_vector"),
+            ("m.q".into(), Role::Magnitude)
+        );
+        assert_eq!(
+            replaced_target("model.embed_tokens.base_layer.weight"),
+            "model.embed_tokens.weight"
+        );
     }
 }

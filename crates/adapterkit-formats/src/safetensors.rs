@@ -17,7 +17,7 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SizeMismatch};
 
 /// The largest header adapterkit accepts (the same cap as the reference implementation).
 pub const MAX_HEADER_LEN: u64 = 100_000_000;
@@ -48,7 +48,10 @@ impl<'de> Deserialize<'de> for Entries {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Entries, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Entries, A::Error> {
                 let mut v = Vec::new();
                 while let Some((k, val)) = map.next_entry::<String, Value>()? {
                     if v.len() >= MAX_TENSORS {
@@ -119,7 +122,10 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
             let mut m = Vec::with_capacity(obj.len());
             for (k, v) in obj {
                 let s = v.as_str().ok_or_else(|| {
-                    invalid(path, format!("__metadata__[{k:?}] is not a string (found {v})"))
+                    invalid(
+                        path,
+                        format!("__metadata__[{k:?}] is not a string (found {v})"),
+                    )
                 })?;
                 m.push((k.clone(), s.to_string()));
             }
@@ -136,28 +142,45 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
         let dtype: DType = dtype_name
             .parse()
             .map_err(|_| bad_tensor(path, name, format!("unknown dtype {dtype_name:?}")))?;
-        let shape = obj
-            .get("shape")
-            .and_then(as_u64_list)
-            .ok_or_else(|| bad_tensor(path, name, "missing \"shape\" or not a list of non-negative integers"))?;
+        let shape = obj.get("shape").and_then(as_u64_list).ok_or_else(|| {
+            bad_tensor(
+                path,
+                name,
+                "missing \"shape\" or not a list of non-negative integers",
+            )
+        })?;
         if shape.len() > MAX_RANK {
-            return Err(bad_tensor(path, name, format!("{} dimensions exceed the cap of {MAX_RANK}", shape.len())));
+            return Err(bad_tensor(
+                path,
+                name,
+                format!("{} dimensions exceed the cap of {MAX_RANK}", shape.len()),
+            ));
         }
         let offsets = obj
             .get("data_offsets")
             .and_then(as_u64_list)
             .filter(|o| o.len() == 2)
-            .ok_or_else(|| bad_tensor(path, name, "missing \"data_offsets\" or not two non-negative integers"))?;
+            .ok_or_else(|| {
+                bad_tensor(
+                    path,
+                    name,
+                    "missing \"data_offsets\" or not two non-negative integers",
+                )
+            })?;
         let (begin, end) = (offsets[0], offsets[1]);
         let numel = shape
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d))
             .ok_or_else(|| bad_tensor(path, name, format!("shape {shape:?} overflows")))?;
-        let expected = dtype
-            .byte_len(numel)
-            .ok_or_else(|| bad_tensor(path, name, format!("{numel} elements of {dtype} are not a whole number of bytes")))?;
+        let expected = dtype.byte_len(numel).ok_or_else(|| {
+            bad_tensor(
+                path,
+                name,
+                format!("{numel} elements of {dtype} are not a whole number of bytes"),
+            )
+        })?;
         if end < begin || end - begin != expected {
-            return Err(Error::TensorSizeMismatch {
+            return Err(Error::TensorSizeMismatch(Box::new(SizeMismatch {
                 path: path.to_path_buf(),
                 tensor: name.clone(),
                 dtype: dtype.name().to_string(),
@@ -166,12 +189,14 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
                 found: end.saturating_sub(begin),
                 begin,
                 end,
-            });
+            })));
         }
         if end > data_len {
             return Err(Error::DataLayout {
                 path: path.to_path_buf(),
-                message: format!("tensor {name:?} ends at {end}, past the {data_len}-byte data section"),
+                message: format!(
+                    "tensor {name:?} ends at {end}, past the {data_len}-byte data section"
+                ),
             });
         }
         tensors.push(TensorInfo {
@@ -227,7 +252,8 @@ pub fn read_header(path: &Path, file: &mut File) -> Result<Header> {
         });
     }
     let mut prefix = [0u8; 8];
-    file.read_exact(&mut prefix).map_err(|e| Error::io(path, e))?;
+    file.read_exact(&mut prefix)
+        .map_err(|e| Error::io(path, e))?;
     let n = u64::from_le_bytes(prefix);
     if n > MAX_HEADER_LEN {
         return Err(Error::HeaderTooLarge {
@@ -356,10 +382,13 @@ impl TensorSource for SafetensorsFile {
         }
         let start = t.offset + offset;
         match &self.data {
-            Data::Positional(f) => f.read_exact_at(buf, start).map_err(|source| adapterkit_core::Error::Io {
-                path: self.path.clone(),
-                source,
-            }),
+            Data::Positional(f) => {
+                f.read_exact_at(buf, start)
+                    .map_err(|source| adapterkit_core::Error::Io {
+                        path: self.path.clone(),
+                        source,
+                    })
+            }
             Data::Mapped(m) => {
                 buf.copy_from_slice(&m[start as usize..start as usize + buf.len()]);
                 Ok(())
@@ -396,8 +425,10 @@ pub fn layout(specs: &[TensorSpec], metadata: Option<&[(String, String)]>) -> Re
     let mut json = String::from("{");
     let mut first = true;
     if let Some(m) = metadata {
-        let obj: serde_json::Map<String, Value> =
-            m.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+        let obj: serde_json::Map<String, Value> = m
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
         json.push_str("\"__metadata__\":");
         json.push_str(&Value::Object(obj).to_string());
         first = false;
@@ -406,11 +437,13 @@ pub fn layout(specs: &[TensorSpec], metadata: Option<&[(String, String)]>) -> Re
     let mut ranges = Vec::with_capacity(specs.len());
     for s in specs {
         let numel = s.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
-        let len = numel.and_then(|n| s.dtype.byte_len(n)).ok_or_else(|| Error::InvalidTensor {
-            path: PathBuf::new(),
-            tensor: s.name.clone(),
-            message: format!("shape {:?} of {} has no byte size", s.shape, s.dtype),
-        })?;
+        let len = numel
+            .and_then(|n| s.dtype.byte_len(n))
+            .ok_or_else(|| Error::InvalidTensor {
+                path: PathBuf::new(),
+                tensor: s.name.clone(),
+                message: format!("shape {:?} of {} has no byte size", s.shape, s.dtype),
+            })?;
         if !first {
             json.push(',');
         }
@@ -462,21 +495,30 @@ pub struct PendingFile {
 
 impl fmt::Debug for PendingFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PendingFile").field("target", &self.target).finish_non_exhaustive()
+        f.debug_struct("PendingFile")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
     }
 }
 
 impl PendingFile {
     /// Create the temporary file beside `target`, write the header and size the file.
     pub fn create(target: &Path, layout: Layout) -> Result<Self> {
-        let dir = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = target
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         let tmp = tempfile::Builder::new()
             .prefix(".adapterkit-")
             .suffix(".tmp")
             .tempfile_in(dir)
             .map_err(|e| Error::io(dir, e))?;
-        tmp.as_file().set_len(layout.total_len).map_err(|e| Error::io(tmp.path(), e))?;
-        tmp.as_file().write_all_at(&layout.header, 0).map_err(|e| Error::io(tmp.path(), e))?;
+        tmp.as_file()
+            .set_len(layout.total_len)
+            .map_err(|e| Error::io(tmp.path(), e))?;
+        tmp.as_file()
+            .write_all_at(&layout.header, 0)
+            .map_err(|e| Error::io(tmp.path(), e))?;
         Ok(PendingFile {
             tmp,
             target: target.to_path_buf(),
@@ -504,15 +546,24 @@ impl PendingFile {
 
     /// Flush to disk and rename into place.
     pub fn commit(self) -> Result<()> {
-        self.tmp.as_file().sync_data().map_err(|e| Error::io(self.tmp.path(), e))?;
+        self.tmp
+            .as_file()
+            .sync_data()
+            .map_err(|e| Error::io(self.tmp.path(), e))?;
         let target = self.target.clone();
-        self.tmp.persist(&target).map_err(|e| Error::io(&target, e.error))?;
+        self.tmp
+            .persist(&target)
+            .map_err(|e| Error::io(&target, e.error))?;
         Ok(())
     }
 }
 
 /// Write a whole small file from in-memory tensors (used for tests and small outputs).
-pub fn write_small(path: &Path, tensors: &[(TensorSpec, Vec<u8>)], metadata: Option<&[(String, String)]>) -> Result<()> {
+pub fn write_small(
+    path: &Path,
+    tensors: &[(TensorSpec, Vec<u8>)],
+    metadata: Option<&[(String, String)]>,
+) -> Result<()> {
     let specs: Vec<TensorSpec> = tensors.iter().map(|(s, _)| s.clone()).collect();
     let lay = layout(&specs, metadata)?;
     let offsets: Vec<(u64, u64)> = lay.tensors.iter().map(|t| (t.offset, t.len)).collect();
@@ -558,12 +609,18 @@ mod tests {
         .unwrap();
         assert_eq!(h.tensors[0].name, "a");
         assert_eq!(h.tensors[1].offset, 8 + h.header_len + 4);
-        assert_eq!(h.metadata.unwrap(), vec![("format".to_string(), "pt".to_string())]);
+        assert_eq!(
+            h.metadata.unwrap(),
+            vec![("format".to_string(), "pt".to_string())]
+        );
     }
 
     #[test]
     fn too_small() {
-        assert!(matches!(parse(&[1, 2, 3]), Err(Error::FileTooSmall { len: 3, .. })));
+        assert!(matches!(
+            parse(&[1, 2, 3]),
+            Err(Error::FileTooSmall { len: 3, .. })
+        ));
     }
 
     #[test]
@@ -577,12 +634,18 @@ mod tests {
     fn header_out_of_bounds() {
         let mut b = 1000u64.to_le_bytes().to_vec();
         b.extend_from_slice(b"{}");
-        assert!(matches!(parse(&b), Err(Error::HeaderOutOfBounds { size: 1000, .. })));
+        assert!(matches!(
+            parse(&b),
+            Err(Error::HeaderOutOfBounds { size: 1000, .. })
+        ));
     }
 
     #[test]
     fn not_json_and_not_utf8() {
-        assert!(matches!(parse(&file_with("[1,2]", &[])), Err(Error::InvalidHeader { .. })));
+        assert!(matches!(
+            parse(&file_with("[1,2]", &[])),
+            Err(Error::InvalidHeader { .. })
+        ));
         let mut b = 2u64.to_le_bytes().to_vec();
         b.extend_from_slice(&[0xff, 0xfe]);
         assert!(matches!(parse(&b), Err(Error::InvalidHeader { .. })));
@@ -591,30 +654,45 @@ mod tests {
     #[test]
     fn duplicate_names() {
         let j = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#;
-        assert!(matches!(parse(&file_with(j, &[0, 0])), Err(Error::DuplicateTensor { .. })));
+        assert!(matches!(
+            parse(&file_with(j, &[0, 0])),
+            Err(Error::DuplicateTensor { .. })
+        ));
     }
 
     #[test]
     fn unknown_dtype_and_bad_shape() {
         let j = r#"{"a":{"dtype":"Q4","shape":[1],"data_offsets":[0,1]}}"#;
-        assert!(matches!(parse(&file_with(j, &[0])), Err(Error::InvalidTensor { .. })));
+        assert!(matches!(
+            parse(&file_with(j, &[0])),
+            Err(Error::InvalidTensor { .. })
+        ));
         let j = r#"{"a":{"dtype":"U8","shape":[-1],"data_offsets":[0,1]}}"#;
-        assert!(matches!(parse(&file_with(j, &[0])), Err(Error::InvalidTensor { .. })));
+        assert!(matches!(
+            parse(&file_with(j, &[0])),
+            Err(Error::InvalidTensor { .. })
+        ));
         let j = r#"{"a":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,1]}}"#;
-        assert!(matches!(parse(&file_with(j, &[0])), Err(Error::InvalidTensor { .. })));
+        assert!(matches!(
+            parse(&file_with(j, &[0])),
+            Err(Error::InvalidTensor { .. })
+        ));
     }
 
     #[test]
     fn metadata_must_be_strings() {
         let j = r#"{"__metadata__":{"n":1}}"#;
-        assert!(matches!(parse(&file_with(j, &[])), Err(Error::InvalidHeader { .. })));
+        assert!(matches!(
+            parse(&file_with(j, &[])),
+            Err(Error::InvalidHeader { .. })
+        ));
     }
 
     #[test]
     fn size_mismatch_names_both() {
         let j = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#;
         match parse(&file_with(j, &[0; 4])) {
-            Err(Error::TensorSizeMismatch { expected: 8, found: 4, .. }) => {}
+            Err(Error::TensorSizeMismatch(m)) if m.expected == 8 && m.found == 4 => {}
             other => panic!("{other:?}"),
         }
     }
@@ -622,13 +700,25 @@ mod tests {
     #[test]
     fn holes_overlaps_and_trailing_bytes() {
         let hole = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#;
-        assert!(matches!(parse(&file_with(hole, &[0, 0])), Err(Error::DataLayout { .. })));
+        assert!(matches!(
+            parse(&file_with(hole, &[0, 0])),
+            Err(Error::DataLayout { .. })
+        ));
         let overlap = r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#;
-        assert!(matches!(parse(&file_with(overlap, &[0, 0])), Err(Error::DataLayout { .. })));
+        assert!(matches!(
+            parse(&file_with(overlap, &[0, 0])),
+            Err(Error::DataLayout { .. })
+        ));
         let trailing = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#;
-        assert!(matches!(parse(&file_with(trailing, &[0, 0])), Err(Error::DataLayout { .. })));
+        assert!(matches!(
+            parse(&file_with(trailing, &[0, 0])),
+            Err(Error::DataLayout { .. })
+        ));
         let past_end = r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#;
-        assert!(matches!(parse(&file_with(past_end, &[0, 0])), Err(Error::DataLayout { .. })));
+        assert!(matches!(
+            parse(&file_with(past_end, &[0, 0])),
+            Err(Error::DataLayout { .. })
+        ));
     }
 
     #[test]
@@ -636,8 +726,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("out.safetensors");
         let t = vec![
-            (TensorSpec { name: "x\"y".into(), dtype: DType::F32, shape: vec![2] }, [1f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect()),
-            (TensorSpec { name: "s".into(), dtype: DType::U8, shape: vec![] }, vec![7u8]),
+            (
+                TensorSpec {
+                    name: "x\"y".into(),
+                    dtype: DType::F32,
+                    shape: vec![2],
+                },
+                [1f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            (
+                TensorSpec {
+                    name: "s".into(),
+                    dtype: DType::U8,
+                    shape: vec![],
+                },
+                vec![7u8],
+            ),
         ];
         write_small(&p, &t, Some(&[("format".into(), "pt".into())])).unwrap();
         let f = SafetensorsFile::open_mapped(&p).unwrap();
@@ -653,7 +757,15 @@ mod tests {
     fn uncommitted_file_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("out.safetensors");
-        let lay = layout(&[TensorSpec { name: "a".into(), dtype: DType::U8, shape: vec![3] }], None).unwrap();
+        let lay = layout(
+            &[TensorSpec {
+                name: "a".into(),
+                dtype: DType::U8,
+                shape: vec![3],
+            }],
+            None,
+        )
+        .unwrap();
         drop(PendingFile::create(&p, lay).unwrap());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }

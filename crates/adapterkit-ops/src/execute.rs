@@ -61,7 +61,11 @@ pub struct ExecOptions {
 
 impl Default for ExecOptions {
     fn default() -> Self {
-        ExecOptions { threads: 0, allow_nonfinite: false, block_elems: 1 << 21 }
+        ExecOptions {
+            threads: 0,
+            allow_nonfinite: false,
+            block_elems: 1 << 21,
+        }
     }
 }
 
@@ -86,9 +90,21 @@ pub struct MergeReport {
 
 /// An operation with its adapter tensors loaded as f32.
 enum Prepared {
-    LowRank { l: Vec<f32>, r: Vec<f32>, rank: usize, weight: f32, dora: Option<(Vec<f32>, NormAxis)> },
-    Add { delta: Vec<f32>, factor: f32 },
-    Replace { data: Vec<f32>, weight: f32 },
+    LowRank {
+        l: Vec<f32>,
+        r: Vec<f32>,
+        rank: usize,
+        weight: f32,
+        dora: Option<(Vec<f32>, NormAxis)>,
+    },
+    Add {
+        delta: Vec<f32>,
+        factor: f32,
+    },
+    Replace {
+        data: Vec<f32>,
+        weight: f32,
+    },
 }
 
 fn prepare(plan: &Plan, t: &PlannedTensor) -> Result<Vec<Prepared>> {
@@ -97,7 +113,16 @@ fn prepare(plan: &Plan, t: &PlannedTensor) -> Result<Vec<Prepared>> {
     let mut out = Vec::with_capacity(t.ops.len());
     for op in &t.ops {
         out.push(match op {
-            OpSpec::LowRank { adapter, a, b, rank, orientation, scale, weight, magnitude } => {
+            OpSpec::LowRank {
+                adapter,
+                a,
+                b,
+                rank,
+                orientation,
+                scale,
+                weight,
+                magnitude,
+            } => {
                 let src = &plan.adapters[*adapter].adapter.tensors;
                 let a = src.read_f32(a)?;
                 let b = src.read_f32(b)?;
@@ -105,22 +130,43 @@ fn prepare(plan: &Plan, t: &PlannedTensor) -> Result<Vec<Prepared>> {
                     // B is (rows × r), A is (r × cols).
                     Orientation::Normal => (b, a),
                     // A is (r × rows), B is (cols × r).
-                    Orientation::Transposed => (transpose(&a, *rank, rows), transpose(&b, cols, *rank)),
+                    Orientation::Transposed => {
+                        (transpose(&a, *rank, rows), transpose(&b, cols, *rank))
+                    }
                 };
                 let dora = match magnitude {
                     Some((m, axis)) => Some((src.read_f32(m)?, *axis)),
                     None => None,
                 };
                 // Fold the scale into L; for plain LoRA the weight too.
-                let fold = if dora.is_some() { *scale } else { scale * weight };
+                let fold = if dora.is_some() {
+                    *scale
+                } else {
+                    scale * weight
+                };
                 l.iter_mut().for_each(|x| *x *= fold);
-                Prepared::LowRank { l, r, rank: *rank, weight: *weight, dora }
+                Prepared::LowRank {
+                    l,
+                    r,
+                    rank: *rank,
+                    weight: *weight,
+                    dora,
+                }
             }
-            OpSpec::Add { adapter, tensor, scale, weight } => Prepared::Add {
+            OpSpec::Add {
+                adapter,
+                tensor,
+                scale,
+                weight,
+            } => Prepared::Add {
                 delta: plan.adapters[*adapter].adapter.tensors.read_f32(tensor)?,
                 factor: scale * weight,
             },
-            OpSpec::Replace { adapter, tensor, weight } => Prepared::Replace {
+            OpSpec::Replace {
+                adapter,
+                tensor,
+                weight,
+            } => Prepared::Replace {
                 data: plan.adapters[*adapter].adapter.tensors.read_f32(tensor)?,
                 weight: *weight,
             },
@@ -132,7 +178,7 @@ fn prepare(plan: &Plan, t: &PlannedTensor) -> Result<Vec<Prepared>> {
 /// Apply `ops` to rows `row0..row0 + w.len()/cols` of a tensor `cols` wide. When a DoRA op needs
 /// column norms, `w` must be the whole tensor.
 fn apply_ops(w: &mut [f32], row0: usize, cols: usize, ops: &[Prepared], tmp: &mut Vec<f32>) {
-    let rows = if cols == 0 { 0 } else { w.len() / cols };
+    let rows = w.len().checked_div(cols).unwrap_or(0);
     tmp.resize(cols, 0.0);
     for op in ops {
         if let Prepared::Replace { data, weight } = op {
@@ -151,14 +197,24 @@ fn apply_ops(w: &mut [f32], row0: usize, cols: usize, ops: &[Prepared], tmp: &mu
     let mut norms: Vec<Option<Vec<f32>>> = Vec::with_capacity(ops.len());
     for op in ops {
         norms.push(match op {
-            Prepared::LowRank { l, r, rank, dora: Some((_, axis)), .. } => {
+            Prepared::LowRank {
+                l,
+                r,
+                rank,
+                dora: Some((_, axis)),
+                ..
+            } => {
                 let mut acc = vec![0f64; if *axis == NormAxis::Rows { rows } else { cols }];
                 for i in 0..rows {
                     low_rank_row(tmp, &l[(row0 + i) * rank..(row0 + i + 1) * rank], r);
                     let wr = &w[i * cols..(i + 1) * cols];
                     match axis {
                         NormAxis::Rows => {
-                            acc[i] = wr.iter().zip(tmp.iter()).map(|(a, d)| ((a + d) as f64).powi(2)).sum();
+                            acc[i] = wr
+                                .iter()
+                                .zip(tmp.iter())
+                                .map(|(a, d)| ((a + d) as f64).powi(2))
+                                .sum();
                         }
                         NormAxis::Cols => {
                             for ((s, a), d) in acc.iter_mut().zip(wr).zip(tmp.iter()) {
@@ -180,10 +236,22 @@ fn apply_ops(w: &mut [f32], row0: usize, cols: usize, ops: &[Prepared], tmp: &mu
                     *x = factor.mul_add(*d, *x);
                 }
             }
-            Prepared::LowRank { l, r, rank, dora: None, .. } => {
+            Prepared::LowRank {
+                l,
+                r,
+                rank,
+                dora: None,
+                ..
+            } => {
                 add_low_rank(w, cols, &l[row0 * rank..(row0 + rows) * rank], r, *rank);
             }
-            Prepared::LowRank { l, r, rank, weight, dora: Some((mag, axis)) } => {
+            Prepared::LowRank {
+                l,
+                r,
+                rank,
+                weight,
+                dora: Some((mag, axis)),
+            } => {
                 let norm = norm.as_ref().expect("norm computed for every DoRA op");
                 for i in 0..rows {
                     low_rank_row(tmp, &l[(row0 + i) * rank..(row0 + i + 1) * rank], r);
@@ -194,7 +262,11 @@ fn apply_ops(w: &mut [f32], row0: usize, cols: usize, ops: &[Prepared], tmp: &mu
                             NormAxis::Cols => mag[j] / norm[j],
                         };
                         let merged = f * (*x + d);
-                        *x = if *weight == 1.0 { merged } else { *x + weight * (merged - *x) };
+                        *x = if *weight == 1.0 {
+                            merged
+                        } else {
+                            *x + weight * (merged - *x)
+                        };
                     }
                 }
             }
@@ -226,9 +298,18 @@ fn bytes_of(buf: &mut Vec<u64>, len: usize) -> &mut [u8] {
 }
 
 /// Execute `plan` against `base`, writing `output`.
-pub fn execute(base: &Checkpoint, plan: &Plan, output: &Output, opts: &ExecOptions) -> Result<MergeReport> {
+pub fn execute(
+    base: &Checkpoint,
+    plan: &Plan,
+    output: &Output,
+    opts: &ExecOptions,
+) -> Result<MergeReport> {
     let single_file = output.path.extension().is_some_and(|e| e == "safetensors");
-    let same_as_base = same_path(&output.path, base.root()) || base.shards().iter().any(|s| same_path(&output.path, s.path()));
+    let same_as_base = same_path(&output.path, base.root())
+        || base
+            .shards()
+            .iter()
+            .any(|s| same_path(&output.path, s.path()));
     if same_as_base && !output.in_place {
         return Err(Error::Output {
             path: output.path.clone(),
@@ -237,16 +318,30 @@ pub fn execute(base: &Checkpoint, plan: &Plan, output: &Output, opts: &ExecOptio
     }
     let exists = output.path.exists();
     if exists && !same_as_base && !output.overwrite {
-        let empty_dir = output.path.is_dir() && std::fs::read_dir(&output.path).map(|mut d| d.next().is_none()).unwrap_or(false);
+        let empty_dir = output.path.is_dir()
+            && std::fs::read_dir(&output.path)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false);
         if !empty_dir {
-            return Err(Error::Output { path: output.path.clone(), message: "already exists; remove it or pass --force".into() });
+            return Err(Error::Output {
+                path: output.path.clone(),
+                message: "already exists; remove it or pass --force".into(),
+            });
         }
     }
 
     // Output files and their tensors.
     let files: Vec<OutFile> = if single_file {
-        let name = output.path.file_name().and_then(|n| n.to_str()).unwrap_or("model.safetensors").to_string();
-        vec![OutFile { name, tensors: (0..plan.tensors.len()).collect() }]
+        let name = output
+            .path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("model.safetensors")
+            .to_string();
+        vec![OutFile {
+            name,
+            tensors: (0..plan.tensors.len()).collect(),
+        }]
     } else {
         match output.sharding {
             Sharding::Preserve => {
@@ -254,9 +349,19 @@ pub fn execute(base: &Checkpoint, plan: &Plan, output: &Output, opts: &ExecOptio
                     CkptLayout::File => vec!["model.safetensors".into()],
                     _ => base.shard_names().to_vec(),
                 };
-                let mut files: Vec<OutFile> = names.into_iter().map(|name| OutFile { name, tensors: vec![] }).collect();
+                let mut files: Vec<OutFile> = names
+                    .into_iter()
+                    .map(|name| OutFile {
+                        name,
+                        tensors: vec![],
+                    })
+                    .collect();
                 for (i, t) in plan.tensors.iter().enumerate() {
-                    let s = if files.len() == 1 { 0 } else { base.shard_of(&t.source.name).unwrap_or(0) };
+                    let s = if files.len() == 1 {
+                        0
+                    } else {
+                        base.shard_of(&t.source.name).unwrap_or(0)
+                    };
                     files[s].tensors.push(i);
                 }
                 files
@@ -278,7 +383,11 @@ pub fn execute(base: &Checkpoint, plan: &Plan, output: &Output, opts: &ExecOptio
                     .into_iter()
                     .enumerate()
                     .map(|(k, tensors)| OutFile {
-                        name: if n == 1 { "model.safetensors".into() } else { format!("model-{:05}-of-{:05}.safetensors", k + 1, n) },
+                        name: if n == 1 {
+                            "model.safetensors".into()
+                        } else {
+                            format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
+                        },
                         tensors,
                     })
                     .collect()
@@ -289,15 +398,25 @@ pub fn execute(base: &Checkpoint, plan: &Plan, output: &Output, opts: &ExecOptio
     // Staging: a fresh directory is built beside its final place and renamed in whole; an
     // existing one (in place, or --force) gets each file replaced atomically.
     let fresh_dir = !single_file && !exists;
-    let parent = if single_file { output.path.parent() } else { output.path.parent() }
+    let parent = output
+        .path
+        .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_path_buf();
     if !parent.is_dir() {
-        return Err(Error::Output { path: output.path.clone(), message: format!("parent directory {} does not exist", parent.display()) });
+        return Err(Error::Output {
+            path: output.path.clone(),
+            message: format!("parent directory {} does not exist", parent.display()),
+        });
     }
     let staging = if fresh_dir {
-        Some(tempfile::Builder::new().prefix(".adapterkit-").tempdir_in(&parent).map_err(|e| Error::io(&parent, e))?)
+        Some(
+            tempfile::Builder::new()
+                .prefix(".adapterkit-")
+                .tempdir_in(&parent)
+                .map_err(|e| Error::io(&parent, e))?,
+        )
     } else {
         None
     };
@@ -315,7 +434,11 @@ pub fn execute(base: &Checkpoint, plan: &Plan, output: &Output, opts: &ExecOptio
             .iter()
             .map(|&i| {
                 let t = &plan.tensors[i];
-                TensorSpec { name: t.source.name.clone(), dtype: t.out_dtype, shape: t.source.shape.clone() }
+                TensorSpec {
+                    name: t.source.name.clone(),
+                    dtype: t.out_dtype,
+                    shape: t.source.shape.clone(),
+                }
             })
             .collect();
         let metadata = base
@@ -328,7 +451,11 @@ pub fn execute(base: &Checkpoint, plan: &Plan, output: &Output, opts: &ExecOptio
         for (&i, info) in f.tensors.iter().zip(&lay.tensors) {
             place[i] = (fi, info.offset);
         }
-        let target = if single_file { output.path.clone() } else { write_dir.join(&f.name) };
+        let target = if single_file {
+            output.path.clone()
+        } else {
+            write_dir.join(&f.name)
+        };
         pending.push(PendingFile::create(&target, lay)?);
     }
 
@@ -341,18 +468,30 @@ pub fn execute(base: &Checkpoint, plan: &Plan, output: &Output, opts: &ExecOptio
             let mut off = 0;
             while off < t.source.len {
                 let len = COPY_CHUNK.min(t.source.len - off);
-                items.push(Item::Copy { t: i, offset: off, len });
+                items.push(Item::Copy {
+                    t: i,
+                    offset: off,
+                    len,
+                });
                 off += len;
             }
             continue;
         }
         let (rows, cols) = t.source.rows_cols();
         let whole = t.ops.iter().any(OpSpec::needs_whole_tensor) || t.source.shape.len() < 2;
-        let step = if whole { rows.max(1) } else { (opts.block_elems as u64 / cols.max(1)).max(1) };
+        let step = if whole {
+            rows.max(1)
+        } else {
+            (opts.block_elems as u64 / cols.max(1)).max(1)
+        };
         let mut r = 0;
         loop {
             let n = step.min(rows - r);
-            items.push(Item::Block { t: i, row0: r, rows: n });
+            items.push(Item::Block {
+                t: i,
+                row0: r,
+                rows: n,
+            });
             blocks_of[i] += 1;
             r += n;
             if r >= rows {
@@ -361,7 +500,8 @@ pub fn execute(base: &Checkpoint, plan: &Plan, output: &Output, opts: &ExecOptio
         }
     }
     let remaining: Vec<AtomicUsize> = blocks_of.iter().map(|&n| AtomicUsize::new(n)).collect();
-    let cache: Vec<Mutex<Option<Arc<Vec<Prepared>>>>> = plan.tensors.iter().map(|_| Mutex::new(None)).collect();
+    let cache: Vec<Mutex<Option<Arc<Vec<Prepared>>>>> =
+        plan.tensors.iter().map(|_| Mutex::new(None)).collect();
 
     let run = |scratch: &mut Scratch, item: &Item| -> Result<()> {
         match *item {
@@ -392,10 +532,20 @@ pub fn execute(base: &Checkpoint, plan: &Plan, output: &Output, opts: &ExecOptio
                 scratch.values.resize(n, 0.0);
                 decode_to_f32(pt.source.dtype, input, &mut scratch.values)?;
                 if let Some(ops) = &ops {
-                    apply_ops(&mut scratch.values, row0 as usize, cols as usize, ops, &mut scratch.tmp);
+                    apply_ops(
+                        &mut scratch.values,
+                        row0 as usize,
+                        cols as usize,
+                        ops,
+                        &mut scratch.tmp,
+                    );
                     if !opts.allow_nonfinite {
                         if let Some((count, first)) = non_finite(&scratch.values) {
-                            return Err(Error::NonFinite { tensor: pt.source.name.clone(), count, first: first + (row0 * cols) as usize });
+                            return Err(Error::NonFinite {
+                                tensor: pt.source.name.clone(),
+                                count,
+                                first: first + (row0 * cols) as usize,
+                            });
                         }
                     }
                 }
@@ -418,10 +568,19 @@ pub fn execute(base: &Checkpoint, plan: &Plan, output: &Output, opts: &ExecOptio
         .num_threads(opts.threads)
         .build()
         .map_err(|e| Error::Options(format!("cannot start {} threads: {e}", opts.threads)))?;
-    pool.install(|| items.par_iter().with_max_len(1).try_for_each_init(Scratch::default, run))?;
+    pool.install(|| {
+        items
+            .par_iter()
+            .with_max_len(1)
+            .try_for_each_init(Scratch::default, run)
+    })?;
 
     // Everything computed: index, extra files, then commit.
-    let mut report = MergeReport { tensors: plan.tensors.len(), skipped_files: base.skipped_files().to_vec(), ..Default::default() };
+    let mut report = MergeReport {
+        tensors: plan.tensors.len(),
+        skipped_files: base.skipped_files().to_vec(),
+        ..Default::default()
+    };
     for t in &plan.tensors {
         report.bytes += t.out_len();
         if !t.ops.is_empty() {
@@ -432,7 +591,11 @@ pub fn execute(base: &Checkpoint, plan: &Plan, output: &Output, opts: &ExecOptio
             report.converted += 1;
         }
     }
-    let final_dir = if single_file { parent.clone() } else { output.path.clone() };
+    let final_dir = if single_file {
+        parent.clone()
+    } else {
+        output.path.clone()
+    };
     let mut extra_staged: Vec<(tempfile::NamedTempFile, PathBuf)> = Vec::new();
     let index_name = match base.layout() {
         CkptLayout::Sharded { index } => index.clone(),
@@ -442,7 +605,10 @@ pub fn execute(base: &Checkpoint, plan: &Plan, output: &Output, opts: &ExecOptio
         let mut weight_map = BTreeMap::new();
         for f in &files {
             for &i in &f.tensors {
-                weight_map.insert(plan.tensors[i].source.name.clone(), serde_json::Value::String(f.name.clone()));
+                weight_map.insert(
+                    plan.tensors[i].source.name.clone(),
+                    serde_json::Value::String(f.name.clone()),
+                );
             }
         }
         let mut meta = base.index_metadata().cloned().unwrap_or_default();
@@ -452,29 +618,46 @@ pub fn execute(base: &Checkpoint, plan: &Plan, output: &Output, opts: &ExecOptio
         let tmp = stage_bytes(&write_dir, text.as_bytes())?;
         extra_staged.push((tmp, write_dir.join(&index_name)));
     }
-    if !single_file && !(same_as_base && output.in_place) {
+    if !(single_file || same_as_base && output.in_place) {
         for name in base.extra_files() {
             let src = base.root().join(name);
-            let tmp = tempfile::Builder::new().prefix(".adapterkit-").tempfile_in(&write_dir).map_err(|e| Error::io(&write_dir, e))?;
+            let tmp = tempfile::Builder::new()
+                .prefix(".adapterkit-")
+                .tempfile_in(&write_dir)
+                .map_err(|e| Error::io(&write_dir, e))?;
             std::fs::copy(&src, tmp.path()).map_err(|e| Error::io(&src, e))?;
             extra_staged.push((tmp, write_dir.join(name)));
         }
     }
     let mut written: Vec<String> = Vec::new();
     for p in pending {
-        written.push(p.target().file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string());
+        written.push(
+            p.target()
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string(),
+        );
         p.commit()?;
     }
     for (tmp, target) in extra_staged {
-        written.push(target.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string());
-        tmp.persist(&target).map_err(|e| Error::io(&target, e.error))?;
+        written.push(
+            target
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string(),
+        );
+        tmp.persist(&target)
+            .map_err(|e| Error::io(&target, e.error))?;
     }
     if !single_file && !fresh_dir {
         // Remove shards and an index of an earlier layout that this output no longer has.
         if let Ok(dir) = std::fs::read_dir(&output.path) {
             for e in dir.flatten() {
                 let n = e.file_name().to_string_lossy().to_string();
-                let weightish = n.ends_with(".safetensors") || n.ends_with(".safetensors.index.json");
+                let weightish =
+                    n.ends_with(".safetensors") || n.ends_with(".safetensors.index.json");
                 if weightish && !written.contains(&n) && !n.starts_with('.') {
                     std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
                 }
@@ -488,13 +671,20 @@ pub fn execute(base: &Checkpoint, plan: &Plan, output: &Output, opts: &ExecOptio
             return Err(Error::io(&output.path, e));
         }
     }
-    report.files = if single_file { vec![output.path.clone()] } else { written.iter().map(|n| final_dir.join(n)).collect() };
+    report.files = if single_file {
+        vec![output.path.clone()]
+    } else {
+        written.iter().map(|n| final_dir.join(n)).collect()
+    };
     Ok(report)
 }
 
 fn stage_bytes(dir: &Path, bytes: &[u8]) -> Result<tempfile::NamedTempFile> {
     use std::io::Write;
-    let mut tmp = tempfile::Builder::new().prefix(".adapterkit-").tempfile_in(dir).map_err(|e| Error::io(dir, e))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".adapterkit-")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
     tmp.write_all(bytes).map_err(|e| Error::io(tmp.path(), e))?;
     Ok(tmp)
 }

@@ -87,8 +87,14 @@ mod tests {
 
     #[test]
     fn transpose_and_nonfinite() {
-        assert_eq!(transpose(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3), vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
-        assert_eq!(non_finite(&[1.0, f32::NAN, 2.0, f32::INFINITY]), Some((2, 1)));
+        assert_eq!(
+            transpose(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3),
+            vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]
+        );
+        assert_eq!(
+            non_finite(&[1.0, f32::NAN, 2.0, f32::INFINITY]),
+            Some((2, 1))
+        );
         assert_eq!(non_finite(&[1.0]), None);
     }
 }

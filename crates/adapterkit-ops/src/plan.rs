@@ -93,7 +93,13 @@ pub enum OpSpec {
 impl OpSpec {
     /// Whether the op needs whole columns (so the tensor cannot be split into row blocks).
     pub fn needs_whole_tensor(&self) -> bool {
-        matches!(self, OpSpec::LowRank { magnitude: Some((_, NormAxis::Cols)), .. })
+        matches!(
+            self,
+            OpSpec::LowRank {
+                magnitude: Some((_, NormAxis::Cols)),
+                ..
+            }
+        )
     }
 }
 
@@ -116,7 +122,9 @@ impl PlannedTensor {
 
     /// Output byte length.
     pub fn out_len(&self) -> u64 {
-        self.out_dtype.byte_len(self.source.numel()).unwrap_or(self.source.len)
+        self.out_dtype
+            .byte_len(self.source.numel())
+            .unwrap_or(self.source.len)
     }
 }
 
@@ -137,7 +145,11 @@ impl Plan {
 }
 
 fn problem(file: &Path, tensor: &str, message: impl Into<String>) -> Problem {
-    Problem { file: file.to_path_buf(), tensor: tensor.to_string(), message: message.into() }
+    Problem {
+        file: file.to_path_buf(),
+        tensor: tensor.to_string(),
+        message: message.into(),
+    }
 }
 
 /// Validate `adapters` against `base` (all problems together) and build the plan. `base_tensors`
@@ -152,7 +164,9 @@ pub fn plan<'a>(
     let mut problems = Vec::new();
     if let OutDType::Fixed(d) = out_dtype {
         if !d.is_writable_float() {
-            return Err(Error::Options(format!("--dtype {d} is not an output type adapterkit writes (f32, bf16, f16, f64)")));
+            return Err(Error::Options(format!(
+                "--dtype {d} is not an output type adapterkit writes (f32, bf16, f16, f64)"
+            )));
         }
     }
     let mut ops: HashMap<String, Vec<OpSpec>> = HashMap::new();
@@ -160,24 +174,41 @@ pub fn plan<'a>(
         let ad = &wa.adapter;
         let file = ad.path.as_path();
         if !wa.weight.is_finite() {
-            problems.push(problem(file, "-", format!("weight {} is not finite", wa.weight)));
+            problems.push(problem(
+                file,
+                "-",
+                format!("weight {} is not finite", wa.weight),
+            ));
         }
         let weight = wa.weight as f32;
         // Every tensor of the file is consumed exactly once.
-        let mut uses: HashMap<&str, usize> = ad.tensor_names.iter().map(|n| (n.as_str(), 0)).collect();
+        let mut uses: HashMap<&str, usize> =
+            ad.tensor_names.iter().map(|n| (n.as_str(), 0)).collect();
         for m in &ad.modules {
             for t in m.payload.tensors() {
                 match uses.get_mut(t) {
                     Some(c) => *c += 1,
-                    None => problems.push(problem(file, t, "referenced by a module but absent from the file")),
+                    None => problems.push(problem(
+                        file,
+                        t,
+                        "referenced by a module but absent from the file",
+                    )),
                 }
             }
         }
         for n in &ad.tensor_names {
             match uses[n.as_str()] {
                 1 => {}
-                0 => problems.push(problem(file, n, "not used by any module (every adapter tensor must be consumed)")),
-                k => problems.push(problem(file, n, format!("used by {k} modules (must be consumed exactly once)"))),
+                0 => problems.push(problem(
+                    file,
+                    n,
+                    "not used by any module (every adapter tensor must be consumed)",
+                )),
+                k => problems.push(problem(
+                    file,
+                    n,
+                    format!("used by {k} modules (must be consumed exactly once)"),
+                )),
             }
         }
         for m in &ad.modules {
@@ -185,22 +216,52 @@ pub fn plan<'a>(
                 problems.push(problem(
                     file,
                     &m.target,
-                    format!("module {:?} targets base tensor {:?}, which {} does not have", m.module, m.target, base_path.display()),
+                    format!(
+                        "module {:?} targets base tensor {:?}, which {} does not have",
+                        m.module,
+                        m.target,
+                        base_path.display()
+                    ),
                 ));
                 continue;
             };
             let ainfo = |n: &str| ad.tensors.info(n).cloned();
             if !info.dtype.is_float() {
-                problems.push(problem(file, &m.target, format!("base tensor has dtype {}, which cannot be merged into", info.dtype)));
+                problems.push(problem(
+                    file,
+                    &m.target,
+                    format!(
+                        "base tensor has dtype {}, which cannot be merged into",
+                        info.dtype
+                    ),
+                ));
                 continue;
             }
             let op = match &m.payload {
                 Payload::LowRank(lr) => {
-                    let (Some(a), Some(b)) = (ainfo(&lr.a), ainfo(&lr.b)) else { continue };
+                    let (Some(a), Some(b)) = (ainfo(&lr.a), ainfo(&lr.b)) else {
+                        continue;
+                    };
                     let (expected, orientation, axis): (Vec<u64>, _, _) = match &lr.layer {
-                        LayerKind::Linear { fan_in_fan_out: false } => (vec![b.shape[0], a.shape[1]], Orientation::Normal, NormAxis::Rows),
-                        LayerKind::Linear { fan_in_fan_out: true } => (vec![a.shape[1], b.shape[0]], Orientation::Transposed, NormAxis::Cols),
-                        LayerKind::Embedding => (vec![a.shape[1], b.shape[0]], Orientation::Transposed, NormAxis::Cols),
+                        LayerKind::Linear {
+                            fan_in_fan_out: false,
+                        } => (
+                            vec![b.shape[0], a.shape[1]],
+                            Orientation::Normal,
+                            NormAxis::Rows,
+                        ),
+                        LayerKind::Linear {
+                            fan_in_fan_out: true,
+                        } => (
+                            vec![a.shape[1], b.shape[0]],
+                            Orientation::Transposed,
+                            NormAxis::Cols,
+                        ),
+                        LayerKind::Embedding => (
+                            vec![a.shape[1], b.shape[0]],
+                            Orientation::Transposed,
+                            NormAxis::Cols,
+                        ),
                         LayerKind::Conv { kernel } => {
                             let mut s = vec![b.shape[0], a.shape[1]];
                             s.extend(kernel);
@@ -237,10 +298,22 @@ pub fn plan<'a>(
                 Payload::Add { tensor, scale } => {
                     let Some(d) = ainfo(tensor) else { continue };
                     if d.shape != info.shape {
-                        problems.push(problem(file, &m.target, format!("shape mismatch: {tensor} is {:?} but the base tensor is {:?}", d.shape, info.shape)));
+                        problems.push(problem(
+                            file,
+                            &m.target,
+                            format!(
+                                "shape mismatch: {tensor} is {:?} but the base tensor is {:?}",
+                                d.shape, info.shape
+                            ),
+                        ));
                         continue;
                     }
-                    OpSpec::Add { adapter: ai, tensor: tensor.clone(), scale: *scale as f32, weight }
+                    OpSpec::Add {
+                        adapter: ai,
+                        tensor: tensor.clone(),
+                        scale: *scale as f32,
+                        weight,
+                    }
                 }
                 Payload::Replace { tensor } => {
                     let Some(d) = ainfo(tensor) else { continue };
@@ -252,10 +325,21 @@ pub fn plan<'a>(
                         ));
                         continue;
                     }
-                    OpSpec::Replace { adapter: ai, tensor: tensor.clone(), weight }
+                    OpSpec::Replace {
+                        adapter: ai,
+                        tensor: tensor.clone(),
+                        weight,
+                    }
                 }
                 other => {
-                    problems.push(problem(file, &m.target, format!("payload {:?} cannot be merged by this version", other.kind())));
+                    problems.push(problem(
+                        file,
+                        &m.target,
+                        format!(
+                            "payload {:?} cannot be merged by this version",
+                            other.kind()
+                        ),
+                    ));
                     continue;
                 }
             };
@@ -273,9 +357,17 @@ pub fn plan<'a>(
             _ => t.dtype,
         };
         if (!o.is_empty() || out != t.dtype) && !out.is_writable_float() {
-            problems.push(problem(base_path, &t.name, format!("cannot write merged values as {out}; pass --dtype bf16, f16 or f32")));
+            problems.push(problem(
+                base_path,
+                &t.name,
+                format!("cannot write merged values as {out}; pass --dtype bf16, f16 or f32"),
+            ));
         }
-        tensors.push(PlannedTensor { source: t.clone(), out_dtype: out, ops: o });
+        tensors.push(PlannedTensor {
+            source: t.clone(),
+            out_dtype: out,
+            ops: o,
+        });
     }
     if !problems.is_empty() {
         return Err(Error::Validation(problems));
