@@ -59,7 +59,24 @@ base_bytes=$(( 2 * (2 * 32000 * 2048 + 2048 + LAYERS * (2*2048*2048 + 2*256*2048
 avail_bytes() { echo $(( $(df -Pk "$WORKDIR" | awk 'NR==2 {print $4}') * 1024 )); }
 
 # ---------------------------------------------------------------------------------------------
-# 1. The checkpoint (generated once; GENERATED.json is written last and records the layer count)
+# 1. The binary (resolved first, so a missing binary fails before the slow generation)
+# ---------------------------------------------------------------------------------------------
+if [[ -n ${ADAPTERKIT:-} ]]; then
+    BIN=$ADAPTERKIT
+    [[ -x $BIN ]] || die "ADAPTERKIT=$BIN is not an executable file"
+else
+    command -v cargo >/dev/null || die "cargo not found; install Rust or set ADAPTERKIT=/path/to/adapterkit"
+    note "== cargo build --release -p adapterkit-cli =="
+    (cd "$REPO" && cargo build --release -p adapterkit-cli) || die "cargo build --release -p adapterkit-cli failed"
+    target=${CARGO_TARGET_DIR:-$REPO/target}
+    [[ $target = /* ]] || target=$REPO/$target
+    BIN=$target/release/adapterkit
+    [[ -x $BIN ]] || die "build succeeded but $BIN does not exist (is the CLI's binary named 'adapterkit'?)"
+fi
+"$BIN" merge --help >/dev/null 2>&1 || die "'$BIN merge --help' failed: this adapterkit has no working 'merge' subcommand"
+
+# ---------------------------------------------------------------------------------------------
+# 2. The checkpoint (generated once; GENERATED.json is written last and records the layer count)
 # ---------------------------------------------------------------------------------------------
 generated_layers() {
     [[ -f $WORKDIR/GENERATED.json ]] || { echo none; return; }
@@ -80,23 +97,6 @@ fi
     || die "checkpoint in $WORKDIR is incomplete; delete $WORKDIR/GENERATED.json to regenerate"
 need=$(( base_bytes + 512 * 1024 * 1024 ))
 (( $(avail_bytes) >= need )) || die "not enough free space in $WORKDIR for one output: need ~$(( need >> 20 )) MiB"
-
-# ---------------------------------------------------------------------------------------------
-# 2. The binary
-# ---------------------------------------------------------------------------------------------
-if [[ -n ${ADAPTERKIT:-} ]]; then
-    BIN=$ADAPTERKIT
-    [[ -x $BIN ]] || die "ADAPTERKIT=$BIN is not an executable file"
-else
-    command -v cargo >/dev/null || die "cargo not found; install Rust or set ADAPTERKIT=/path/to/adapterkit"
-    note "== cargo build --release -p adapterkit-cli =="
-    (cd "$REPO" && cargo build --release -p adapterkit-cli) || die "cargo build --release -p adapterkit-cli failed"
-    target=${CARGO_TARGET_DIR:-$REPO/target}
-    [[ $target = /* ]] || target=$REPO/$target
-    BIN=$target/release/adapterkit
-    [[ -x $BIN ]] || die "build succeeded but $BIN does not exist (is the CLI's binary named 'adapterkit'?)"
-fi
-"$BIN" merge --help >/dev/null 2>&1 || die "'$BIN merge --help' failed: this adapterkit has no working 'merge' subcommand"
 
 MERGE_EXTRA=()
 if [[ -n ${ADAPTERKIT_MERGE_ARGS:-} ]]; then

@@ -1,5 +1,6 @@
 //! The `adapterkit` command-line tool: clap arguments → validated options → library calls.
 
+mod diff;
 mod inspect;
 
 use std::path::PathBuf;
@@ -25,6 +26,23 @@ enum Command {
     Merge(MergeArgs),
     /// Describe a base checkpoint, an adapter or a safetensors file.
     Inspect(InspectArgs),
+    /// Compare two checkpoints tensor by tensor (names, shapes, dtypes, largest differences).
+    Diff(DiffArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct DiffArgs {
+    /// First checkpoint (directory or .safetensors file).
+    a: PathBuf,
+    /// Second checkpoint.
+    b: PathBuf,
+    /// Fail (exit 1) when a tensor's largest difference exceeds this fraction of its largest
+    /// magnitude.
+    #[arg(long)]
+    tolerance: Option<f64>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -199,6 +217,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Merge(a) => run_merge(a),
         Command::Inspect(a) => inspect::run(&a.path, a.json),
+        Command::Diff(a) => diff::run(&a.a, &a.b, a.tolerance, a.json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
