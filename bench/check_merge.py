@@ -126,7 +126,9 @@ def main():
                             f"merged {o.flat[i]!r} reference {ref.flat[i]!r} base {w.flat[i]!r}")
             if (o != w).mean() < 0.5:
                 fail.append(f"{name}: fewer than half of the elements changed; was the delta applied?")
-            worst = max(worst, float((err / np.maximum(np.abs(ref), 1e-30)).max()))
+            # relative to the larger of |ref| and |W|: where W + delta cancels, |ref| is tiny and a
+            # different summation order legitimately gives a large error relative to |ref|
+            worst = max(worst, float((err / np.maximum(np.maximum(np.abs(ref), np.abs(w)), 1e-30)).max()))
             exact += int((o == to_dtype_rne(ref.astype(np.float32), wdt)).sum())
             total += o.size
             n_merged += 1
@@ -144,8 +146,8 @@ def main():
     if n_merged == 0:
         sys.exit("check_merge: FAILED: no base tensor matched a LoRA pair in the adapter")
     print(f"check_merge: OK: {n_merged} merged tensors within bf16 rounding of W + {scale:g}*B@A "
-          f"(max rel err {worst:.2e}; {100.0 * exact / total:.2f}% equal to round-to-nearest of "
-          f"the f32 reference), {n_same} other tensors bit-identical ({time.monotonic() - t0:.1f}s)")
+          f"(max err {worst:.2e} relative to max(|ref|, |W|); {total - exact} of {total} elements "
+          f"differ from round-to-nearest-even of the f32 reference), {n_same} other tensors bit-identical ({time.monotonic() - t0:.1f}s)")
 
 
 if __name__ == "__main__":

@@ -709,14 +709,35 @@ fn inspect_adapter_and_base_json() {
 #[test]
 fn diff_reports_differences_and_enforces_tolerance() {
     let f = fixtures();
-    let same = run(&[&"diff", &f.join("bases/llama"), &f.join("bases/llama_sharded"), &"--tolerance", &"0"]);
+    let same = run(&[
+        &"diff",
+        &f.join("bases/llama"),
+        &f.join("bases/llama_sharded"),
+        &"--tolerance",
+        &"0",
+    ]);
     ok(&same);
     assert!(String::from_utf8_lossy(&same.stdout).contains("35 identical, 0 differ"));
-    let err = failed(&run(&[&"diff", &f.join("bases/llama"), &f.join("llama_lora/merged.safetensors"), &"--tolerance", &"1e-3"]));
+    let err = failed(&run(&[
+        &"diff",
+        &f.join("bases/llama"),
+        &f.join("llama_lora/merged.safetensors"),
+        &"--tolerance",
+        &"1e-3",
+    ]));
     assert!(err.contains("above the tolerance"), "{err}");
-    let err = failed(&run(&[&"diff", &f.join("bases/llama"), &f.join("bases/gpt2")]));
+    let err = failed(&run(&[
+        &"diff",
+        &f.join("bases/llama"),
+        &f.join("bases/gpt2"),
+    ]));
     assert!(err.contains("do not hold the same tensors"), "{err}");
-    let out = run(&[&"diff", &f.join("bases/llama"), &f.join("llama_lora/merged.safetensors"), &"--json"]);
+    let out = run(&[
+        &"diff",
+        &f.join("bases/llama"),
+        &f.join("llama_lora/merged.safetensors"),
+        &"--json",
+    ]);
     ok(&out);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["differing"], 14);

@@ -76,6 +76,9 @@ struct MergeArgs {
     /// Write merged tensors even if they contain NaN or infinity.
     #[arg(long)]
     allow_nonfinite: bool,
+    /// Flush the output to disk (fsync) before renaming it into place.
+    #[arg(long)]
+    fsync: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -175,6 +178,7 @@ fn run_merge(a: MergeArgs) -> Result<()> {
     let opts = ExecOptions {
         threads: a.threads,
         allow_nonfinite: a.allow_nonfinite,
+        fsync: a.fsync,
         ..Default::default()
     };
     let started = std::time::Instant::now();

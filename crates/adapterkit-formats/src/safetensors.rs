@@ -544,12 +544,15 @@ impl PendingFile {
             .map_err(|e| Error::io(self.tmp.path(), e))
     }
 
-    /// Flush to disk and rename into place.
-    pub fn commit(self) -> Result<()> {
-        self.tmp
-            .as_file()
-            .sync_data()
-            .map_err(|e| Error::io(self.tmp.path(), e))?;
+    /// Rename into place; with `durable`, flush the data to disk first (as `fsync` before a
+    /// rename does: a crash of the machine then cannot leave an empty file under the final name).
+    pub fn commit(self, durable: bool) -> Result<()> {
+        if durable {
+            self.tmp
+                .as_file()
+                .sync_data()
+                .map_err(|e| Error::io(self.tmp.path(), e))?;
+        }
         let target = self.target.clone();
         self.tmp
             .persist(&target)
@@ -578,7 +581,7 @@ pub fn write_small(
         }
         pending.write_at(off, bytes)?;
     }
-    pending.commit()
+    pending.commit(false)
 }
 
 #[cfg(test)]

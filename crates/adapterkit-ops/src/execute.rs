@@ -57,6 +57,8 @@ pub struct ExecOptions {
     pub allow_nonfinite: bool,
     /// Target number of f32 elements in one row block.
     pub block_elems: usize,
+    /// Flush every output file to disk before renaming it into place.
+    pub fsync: bool,
 }
 
 impl Default for ExecOptions {
@@ -65,6 +67,7 @@ impl Default for ExecOptions {
             threads: 0,
             allow_nonfinite: false,
             block_elems: 1 << 21,
+            fsync: false,
         }
     }
 }
@@ -638,7 +641,7 @@ pub fn execute(
                 .unwrap_or_default()
                 .to_string(),
         );
-        p.commit()?;
+        p.commit(opts.fsync)?;
     }
     for (tmp, target) in extra_staged {
         written.push(
@@ -648,6 +651,11 @@ pub fn execute(
                 .unwrap_or_default()
                 .to_string(),
         );
+        if opts.fsync {
+            tmp.as_file()
+                .sync_all()
+                .map_err(|e| Error::io(tmp.path(), e))?;
+        }
         tmp.persist(&target)
             .map_err(|e| Error::io(&target, e.error))?;
     }
