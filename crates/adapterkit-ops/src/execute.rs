@@ -236,7 +236,7 @@ fn apply_ops(w: &mut [f32], row0: usize, cols: usize, ops: &[Prepared], tmp: &mu
             Prepared::Replace { .. } => {}
             Prepared::Add { delta, factor } => {
                 for (x, d) in w.iter_mut().zip(&delta[row0 * cols..(row0 + rows) * cols]) {
-                    *x = factor.mul_add(*d, *x);
+                    *x += factor * *d;
                 }
             }
             Prepared::LowRank {
@@ -295,9 +295,22 @@ struct Scratch {
     tmp: Vec<f32>,
 }
 
+/// The first `len` bytes of a reusable, 8-byte-aligned buffer. The buffer only grows: shrinking
+/// and regrowing a `Vec` would zero-fill it again on every item.
 fn bytes_of(buf: &mut Vec<u64>, len: usize) -> &mut [u8] {
-    buf.resize(len.div_ceil(8), 0);
+    let words = len.div_ceil(8);
+    if buf.len() < words {
+        buf.resize(words, 0);
+    }
     &mut bytemuck::cast_slice_mut::<u64, u8>(buf)[..len]
+}
+
+/// The first `n` values of a grow-only f32 buffer.
+fn values_of(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+    &mut buf[..n]
 }
 
 /// Execute `plan` against `base`, writing `output`.
@@ -532,18 +545,12 @@ pub fn execute(
                 let in_off = pt.source.dtype.byte_len(row0 * cols).expect("validated");
                 let input = bytes_of(&mut scratch.input, in_len);
                 base.read_bytes(&pt.source.name, in_off, input)?;
-                scratch.values.resize(n, 0.0);
-                decode_to_f32(pt.source.dtype, input, &mut scratch.values)?;
+                let values = values_of(&mut scratch.values, n);
+                decode_to_f32(pt.source.dtype, input, values)?;
                 if let Some(ops) = &ops {
-                    apply_ops(
-                        &mut scratch.values,
-                        row0 as usize,
-                        cols as usize,
-                        ops,
-                        &mut scratch.tmp,
-                    );
+                    apply_ops(values, row0 as usize, cols as usize, ops, &mut scratch.tmp);
                     if !opts.allow_nonfinite {
-                        if let Some((count, first)) = non_finite(&scratch.values) {
+                        if let Some((count, first)) = non_finite(values) {
                             return Err(Error::NonFinite {
                                 tensor: pt.source.name.clone(),
                                 count,
@@ -555,7 +562,7 @@ pub fn execute(
                 let out_len = pt.out_dtype.byte_len(rows * cols).expect("validated") as usize;
                 let out_off = pt.out_dtype.byte_len(row0 * cols).expect("validated");
                 let out = bytes_of(&mut scratch.output, out_len);
-                encode_from_f32(pt.out_dtype, &scratch.values, out)?;
+                encode_from_f32(pt.out_dtype, values, out)?;
                 let (fi, at) = place[t];
                 pending[fi].write_at(at + out_off, out)?;
                 drop(ops);
@@ -571,12 +578,19 @@ pub fn execute(
         .num_threads(opts.threads)
         .build()
         .map_err(|e| Error::Options(format!("cannot start {} threads: {e}", opts.threads)))?;
+    // One scratch set per worker thread, reused across items (rayon's per-job init would
+    // allocate and zero fresh buffers for every item).
+    let scratches: Vec<Mutex<Scratch>> = (0..pool.current_num_threads())
+        .map(|_| Mutex::new(Scratch::default()))
+        .collect();
     pool.install(|| {
-        items
-            .par_iter()
-            .with_max_len(1)
-            .try_for_each_init(Scratch::default, run)
+        items.par_iter().with_max_len(1).try_for_each(|item| {
+            let slot = rayon::current_thread_index().unwrap_or(0) % scratches.len();
+            let mut scratch = scratches[slot].lock().unwrap_or_else(|e| e.into_inner());
+            run(&mut scratch, item)
+        })
     })?;
+    drop(scratches);
 
     // Everything computed: index, extra files, then commit.
     let mut report = MergeReport {

@@ -3,17 +3,109 @@
 //! materialising the full `ΔW`: `W[i,:] += Σ_k L[i,k]·R[k,:]` is a short sequence of axpys over a
 //! row that stays in cache, which the compiler vectorises.
 
+/// Columns processed per register tile in [`add_low_rank`].
+const TILE: usize = 16;
+
 /// `w[i,:] += Σ_k l[i,k] · r[k,:]` for the `rows` rows of `w` (row-major, `cols` wide).
+///
+/// Each row is walked in tiles of [`TILE`] columns held in registers while all `rank` terms are
+/// accumulated, so `w` is loaded and stored once per element whatever the rank. On x86-64 CPUs
+/// with AVX2 and FMA (detected at run time) the same code is compiled for 256-bit vectors with
+/// fused multiply-adds.
 pub fn add_low_rank(w: &mut [f32], cols: usize, l: &[f32], r: &[f32], rank: usize) {
     debug_assert_eq!(r.len(), rank * cols);
     debug_assert_eq!(w.len() / cols.max(1), l.len() / rank.max(1));
     if cols == 0 || rank == 0 {
         return;
     }
-    for (row, lrow) in w.chunks_exact_mut(cols).zip(l.chunks_exact(rank)) {
-        for (k, &a) in lrow.iter().enumerate() {
-            if a != 0.0 {
-                axpy(row, a, &r[k * cols..(k + 1) * cols]);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        #[allow(unsafe_code)]
+        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+        unsafe {
+            add_low_rank_avx2_fma(w, cols, l, r, rank)
+        };
+        return;
+    }
+    add_low_rank_body::<false>(w, cols, l, r, rank);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn add_low_rank_avx2_fma(w: &mut [f32], cols: usize, l: &[f32], r: &[f32], rank: usize) {
+    add_low_rank_body::<true>(w, cols, l, r, rank);
+}
+
+/// Rows updated together in [`add_low_rank`]: each loaded tile of `r` serves this many rows.
+const ROWS: usize = 4;
+
+/// The kernel body, inlined into each feature-specific wrapper. `FMA` selects fused
+/// multiply-adds, which are only fast where the target has them.
+///
+/// A register tile of [`ROWS`]×[`TILE`] outputs accumulates all `rank` terms; every tile of `r`
+/// loaded is used for [`ROWS`] rows, which keeps the loop compute-bound rather than waiting on
+/// the strided rows of `r`.
+#[inline(always)]
+fn add_low_rank_body<const FMA: bool>(
+    w: &mut [f32],
+    cols: usize,
+    l: &[f32],
+    r: &[f32],
+    rank: usize,
+) {
+    #[inline(always)]
+    fn madd<const FMA: bool>(a: f32, x: f32, y: f32) -> f32 {
+        if FMA {
+            a.mul_add(x, y)
+        } else {
+            y + a * x
+        }
+    }
+    let full = cols / TILE * TILE;
+    let mut rows = w.chunks_exact_mut(cols * ROWS);
+    let mut ls = l.chunks_exact(rank * ROWS);
+    for (block, lblock) in (&mut rows).zip(&mut ls) {
+        let mut j = 0;
+        while j < full {
+            let mut acc = [[0f32; TILE]; ROWS];
+            for (i, a) in acc.iter_mut().enumerate() {
+                a.copy_from_slice(&block[i * cols + j..i * cols + j + TILE]);
+            }
+            for k in 0..rank {
+                let rk: &[f32; TILE] = r[k * cols + j..k * cols + j + TILE]
+                    .try_into()
+                    .expect("tile");
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let c = lblock[i * rank + k];
+                    for t in 0..TILE {
+                        a[t] = madd::<FMA>(c, rk[t], a[t]);
+                    }
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                block[i * cols + j..i * cols + j + TILE].copy_from_slice(a);
+            }
+            j += TILE;
+        }
+        for i in 0..ROWS {
+            let row = &mut block[i * cols + full..(i + 1) * cols];
+            for k in 0..rank {
+                let c = lblock[i * rank + k];
+                for (y, x) in row.iter_mut().zip(&r[k * cols + full..(k + 1) * cols]) {
+                    *y = madd::<FMA>(c, *x, *y);
+                }
+            }
+        }
+    }
+    // Rows left over when the count is not a multiple of ROWS.
+    for (row, lrow) in rows
+        .into_remainder()
+        .chunks_exact_mut(cols)
+        .zip(ls.remainder().chunks_exact(rank))
+    {
+        for (k, &c) in lrow.iter().enumerate() {
+            for (y, x) in row.iter_mut().zip(&r[k * cols..(k + 1) * cols]) {
+                *y = madd::<FMA>(c, *x, *y);
             }
         }
     }
@@ -23,7 +115,7 @@ pub fn add_low_rank(w: &mut [f32], cols: usize, l: &[f32], r: &[f32], rank: usiz
 #[inline]
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     for (y, x) in y.iter_mut().zip(x) {
-        *y = a.mul_add(*x, *y);
+        *y += a * *x;
     }
 }
 
@@ -49,8 +141,14 @@ pub fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     t
 }
 
-/// Count non-finite values and the index of the first.
+/// Count non-finite values and the index of the first. The common all-finite case is one
+/// vectorised pass over the exponent bits.
 pub fn non_finite(v: &[f32]) -> Option<(usize, usize)> {
+    const EXP: u32 = 0x7f80_0000;
+    let any = v.iter().fold(0u32, |m, x| m.max(x.to_bits() & EXP));
+    if any != EXP {
+        return None;
+    }
     let mut first = None;
     let mut count = 0;
     for (i, x) in v.iter().enumerate() {
@@ -68,7 +166,29 @@ mod tests {
 
     #[test]
     fn low_rank_matches_naive_product() {
-        let (m, n, r) = (5, 7, 3);
+        for (m, n, r) in [
+            (5, 7, 3),
+            (3, 40, 16),
+            (2, 33, 1),
+            (4, 16, 5),
+            (9, 50, 16),
+            (8, 64, 2),
+        ] {
+            check_low_rank(m, n, r);
+            // The portable body too, whatever this CPU dispatches to.
+            let l: Vec<f32> = (0..m * r).map(|i| (i as f32 * 0.37).sin()).collect();
+            let rr: Vec<f32> = (0..r * n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let mut a: Vec<f32> = (0..m * n).map(|i| i as f32).collect();
+            let mut b = a.clone();
+            add_low_rank(&mut a, n, &l, &rr, r);
+            add_low_rank_body::<false>(&mut b, n, &l, &rr, r);
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()));
+            }
+        }
+    }
+
+    fn check_low_rank(m: usize, n: usize, r: usize) {
         let l: Vec<f32> = (0..m * r).map(|i| (i as f32 * 0.37).sin()).collect();
         let rr: Vec<f32> = (0..r * n).map(|i| (i as f32 * 0.11).cos()).collect();
         let mut w: Vec<f32> = (0..m * n).map(|i| i as f32).collect();
@@ -77,12 +197,17 @@ mod tests {
         for i in 0..m {
             for j in 0..n {
                 let d: f32 = (0..r).map(|k| l[i * r + k] * rr[k * n + j]).sum();
-                assert!((w[i * n + j] - orig[i * n + j] - d).abs() < 1e-5);
+                let want = orig[i * n + j] + d;
+                assert!(
+                    (w[i * n + j] - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "{m}x{n} r={r} ({i},{j})"
+                );
             }
         }
         let mut row = vec![0f32; n];
         low_rank_row(&mut row, &l[r..2 * r], &rr);
-        assert!((row[2] - (w[n + 2] - orig[n + 2])).abs() < 1e-5);
+        let d2: f32 = (0..r).map(|k| l[r + k] * rr[k * n + 2]).sum();
+        assert!((row[2] - d2).abs() < 1e-5);
     }
 
     #[test]
