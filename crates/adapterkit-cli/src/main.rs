@@ -76,6 +76,9 @@ struct MergeArgs {
     /// Write merged tensors even if they contain NaN or infinity.
     #[arg(long)]
     allow_nonfinite: bool,
+    /// Elements per row block (tuning; the default suits common caches).
+    #[arg(long, hide = true)]
+    block_elems: Option<usize>,
     /// Flush the output to disk (fsync) before renaming it into place.
     #[arg(long)]
     fsync: bool,
@@ -179,6 +182,10 @@ fn run_merge(a: MergeArgs) -> Result<()> {
         threads: a.threads,
         allow_nonfinite: a.allow_nonfinite,
         fsync: a.fsync,
+        block_elems: a
+            .block_elems
+            .unwrap_or(ExecOptions::default().block_elems)
+            .max(1),
         ..Default::default()
     };
     let started = std::time::Instant::now();

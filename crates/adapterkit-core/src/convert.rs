@@ -35,8 +35,8 @@ pub fn decode_to_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<()> 
                 }
             }
         },
-        DType::BF16 => match bytemuck::try_cast_slice::<u8, bf16>(bytes) {
-            Ok(src) => src.convert_to_f32_slice(out),
+        DType::BF16 => match bytemuck::try_cast_slice::<u8, u16>(bytes) {
+            Ok(src) => bf16_to_f32(src, out),
             Err(_) => {
                 for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
                     *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
@@ -85,8 +85,8 @@ pub fn encode_from_f32(dtype: DType, src: &[f32], out: &mut [u8]) -> Result<()> 
                 }
             }
         },
-        DType::BF16 => match bytemuck::try_cast_slice_mut::<u8, bf16>(out) {
-            Ok(dst) => dst.convert_from_f32_slice(src),
+        DType::BF16 => match bytemuck::try_cast_slice_mut::<u8, u16>(out) {
+            Ok(dst) => f32_to_bf16(src, dst),
             Err(_) => {
                 for (c, v) in out.chunks_exact_mut(2).zip(src) {
                     c.copy_from_slice(&bf16::from_f32(*v).to_bits().to_le_bytes());
@@ -114,6 +114,67 @@ pub fn encode_from_f32(dtype: DType, src: &[f32], out: &mut [u8]) -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// Run `$body` compiled for the best instruction set this CPU has (AVX-512, AVX2, or the
+/// portable baseline), chosen at run time. The body is written once as plain loops that the
+/// compiler vectorises for each target.
+macro_rules! simd_dispatch {
+    ($name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        simd_dispatch!($name($($arg: $ty),*) -> () $body)
+    };
+    ($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx512bw")]
+            fn avx512($($arg: $ty),*) -> $ret $body
+            #[target_feature(enable = "avx2")]
+            fn avx2($($arg: $ty),*) -> $ret $body
+            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
+                #[allow(unsafe_code)]
+                // SAFETY: the CPU supports AVX-512F/BW, checked just above.
+                return unsafe { avx512($($arg),*) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                #[allow(unsafe_code)]
+                // SAFETY: the CPU supports AVX2, checked just above.
+                return unsafe { avx2($($arg),*) };
+            }
+        }
+        fn portable($($arg: $ty),*) -> $ret $body
+        portable($($arg),*)
+    }};
+}
+
+/// bf16 bit patterns to f32 (exact: a bf16 is the top half of an f32).
+pub fn bf16_to_f32(src: &[u16], dst: &mut [f32]) {
+    simd_dispatch!(run(src: &[u16], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits((*s as u32) << 16);
+        }
+    })
+}
+
+/// f32 to bf16 bit patterns, rounding to nearest-even; NaN stays a (quiet) NaN. Bit-identical to
+/// `half::bf16::from_f32`.
+pub fn f32_to_bf16(src: &[f32], dst: &mut [u16]) {
+    simd_dispatch!(run(src: &[f32], dst: &mut [u16]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            let b = s.to_bits();
+            let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+            let nan = (b >> 16) | 0x40;
+            *d = if b & 0x7fff_ffff > 0x7f80_0000 { nan } else { rounded } as u16;
+        }
+    })
+}
+
+/// Whether every value is finite (no NaN, no infinity): one vectorised pass over the exponent
+/// bits.
+pub fn all_finite(v: &[f32]) -> bool {
+    simd_dispatch!(run(v: &[f32]) -> bool {
+        const EXP: u32 = 0x7f80_0000;
+        v.iter().fold(0u32, |m, x| m.max(x.to_bits() & EXP)) != EXP
+    })
 }
 
 /// Decode one 8-bit float. E4M3 is the OCP "fn" flavour (no infinities, NaN = S.1111.111); the
@@ -179,6 +240,48 @@ mod tests {
         let mut out = [0f32; 2];
         decode_to_f32(DType::F32, &raw[1..], &mut out).unwrap();
         assert_eq!(out, [1.5, -4.0]);
+    }
+
+    #[test]
+    fn bf16_kernels_match_half_bit_for_bit() {
+        let mut vals: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            1.0,
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            1e-40,
+            -1e-40,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0x7f7f_ffff),
+        ];
+        let mut x = 0x1234_5678u32;
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            vals.push(f32::from_bits(x));
+        }
+        let mut ours = vec![0u16; vals.len()];
+        f32_to_bf16(&vals, &mut ours);
+        for (v, o) in vals.iter().zip(&ours) {
+            assert_eq!(
+                *o,
+                bf16::from_f32(*v).to_bits(),
+                "{v:e} ({:#x})",
+                v.to_bits()
+            );
+        }
+        let mut back = vec![0f32; ours.len()];
+        bf16_to_f32(&ours, &mut back);
+        for (b, o) in back.iter().zip(&ours) {
+            assert_eq!(b.to_bits(), bf16::from_bits(*o).to_f32().to_bits());
+        }
     }
 
     #[test]

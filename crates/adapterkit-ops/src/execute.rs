@@ -66,7 +66,7 @@ impl Default for ExecOptions {
         ExecOptions {
             threads: 0,
             allow_nonfinite: false,
-            block_elems: 1 << 21,
+            block_elems: 1 << 17,
             fsync: false,
         }
     }
@@ -478,7 +478,7 @@ pub fn execute(
     // Work items.
     let mut items = Vec::new();
     let mut blocks_of = vec![0usize; plan.tensors.len()];
-    const COPY_CHUNK: u64 = 16 << 20;
+    const COPY_CHUNK: u64 = 1 << 20;
     for (i, t) in plan.tensors.iter().enumerate() {
         if t.is_copy() {
             let mut off = 0;

@@ -10,12 +10,22 @@ const TILE: usize = 16;
 ///
 /// Each row is walked in tiles of [`TILE`] columns held in registers while all `rank` terms are
 /// accumulated, so `w` is loaded and stored once per element whatever the rank. On x86-64 CPUs
-/// with AVX2 and FMA (detected at run time) the same code is compiled for 256-bit vectors with
-/// fused multiply-adds.
+/// with AVX-512 or AVX2 and FMA (detected at run time) the same code is compiled for 512- or
+/// 256-bit vectors with fused multiply-adds.
 pub fn add_low_rank(w: &mut [f32], cols: usize, l: &[f32], r: &[f32], rank: usize) {
     debug_assert_eq!(r.len(), rank * cols);
     debug_assert_eq!(w.len() / cols.max(1), l.len() / rank.max(1));
     if cols == 0 || rank == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
+    {
+        #[allow(unsafe_code)]
+        // SAFETY: the CPU supports AVX-512F and FMA, checked just above.
+        unsafe {
+            add_low_rank_avx512_fma(w, cols, l, r, rank)
+        };
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -31,20 +41,29 @@ pub fn add_low_rank(w: &mut [f32], cols: usize, l: &[f32], r: &[f32], rank: usiz
 }
 
 #[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+fn add_low_rank_avx512_fma(w: &mut [f32], cols: usize, l: &[f32], r: &[f32], rank: usize) {
+    add_low_rank_body::<true>(w, cols, l, r, rank);
+}
+
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn add_low_rank_avx2_fma(w: &mut [f32], cols: usize, l: &[f32], r: &[f32], rank: usize) {
     add_low_rank_body::<true>(w, cols, l, r, rank);
 }
 
-/// Rows updated together in [`add_low_rank`]: each loaded tile of `r` serves this many rows.
+/// Rows swept together in [`add_low_rank`].
 const ROWS: usize = 4;
+
+/// Rank terms whose tile of `r` is held at once in [`add_low_rank`] (16×16 f32 = 1 KiB, in L1).
+const KT: usize = 16;
 
 /// The kernel body, inlined into each feature-specific wrapper. `FMA` selects fused
 /// multiply-adds, which are only fast where the target has them.
 ///
-/// A register tile of [`ROWS`]×[`TILE`] outputs accumulates all `rank` terms; every tile of `r`
-/// loaded is used for [`ROWS`] rows, which keeps the loop compute-bound rather than waiting on
-/// the strided rows of `r`.
+/// Column tiles are the outer loop: a [`KT`]×[`TILE`] tile of `r` is copied out once and then
+/// swept down every row of `w`, so each row costs one load and one store of [`TILE`] outputs and
+/// `rank` multiply-adds from L1 — compute-bound, rather than waiting on strided rows of `r`.
 #[inline(always)]
 fn add_low_rank_body<const FMA: bool>(
     w: &mut [f32],
@@ -61,51 +80,63 @@ fn add_low_rank_body<const FMA: bool>(
             y + a * x
         }
     }
+    let rows = w.len() / cols;
     let full = cols / TILE * TILE;
-    let mut rows = w.chunks_exact_mut(cols * ROWS);
-    let mut ls = l.chunks_exact(rank * ROWS);
-    for (block, lblock) in (&mut rows).zip(&mut ls) {
-        let mut j = 0;
-        while j < full {
-            let mut acc = [[0f32; TILE]; ROWS];
-            for (i, a) in acc.iter_mut().enumerate() {
-                a.copy_from_slice(&block[i * cols + j..i * cols + j + TILE]);
+    let mut tile = [[0f32; TILE]; KT];
+    let mut j = 0;
+    while j < full {
+        let mut k0 = 0;
+        while k0 < rank {
+            let kn = KT.min(rank - k0);
+            for (k, t) in tile.iter_mut().enumerate().take(kn) {
+                t.copy_from_slice(&r[(k0 + k) * cols + j..(k0 + k) * cols + j + TILE]);
             }
-            for k in 0..rank {
-                let rk: &[f32; TILE] = r[k * cols + j..k * cols + j + TILE]
-                    .try_into()
-                    .expect("tile");
-                for (i, a) in acc.iter_mut().enumerate() {
-                    let c = lblock[i * rank + k];
-                    for t in 0..TILE {
-                        a[t] = madd::<FMA>(c, rk[t], a[t]);
+            // ROWS rows at a time: independent accumulators keep the FMA units busy instead of
+            // waiting on one dependency chain.
+            let mut i = 0;
+            while i + ROWS <= rows {
+                let mut acc = [[0f32; TILE]; ROWS];
+                for (q, a) in acc.iter_mut().enumerate() {
+                    a.copy_from_slice(&w[(i + q) * cols + j..(i + q) * cols + j + TILE]);
+                }
+                for (k, t) in tile.iter().enumerate().take(kn) {
+                    for (q, a) in acc.iter_mut().enumerate() {
+                        let c = l[(i + q) * rank + k0 + k];
+                        for x in 0..TILE {
+                            a[x] = madd::<FMA>(c, t[x], a[x]);
+                        }
                     }
                 }
+                for (q, a) in acc.iter().enumerate() {
+                    w[(i + q) * cols + j..(i + q) * cols + j + TILE].copy_from_slice(a);
+                }
+                i += ROWS;
             }
-            for (i, a) in acc.iter().enumerate() {
-                block[i * cols + j..i * cols + j + TILE].copy_from_slice(a);
+            for i in i..rows {
+                let out: &mut [f32; TILE] = (&mut w[i * cols + j..i * cols + j + TILE])
+                    .try_into()
+                    .expect("tile");
+                let coef = &l[i * rank + k0..i * rank + k0 + kn];
+                let mut acc = *out;
+                for (c, t) in coef.iter().zip(&tile) {
+                    for x in 0..TILE {
+                        acc[x] = madd::<FMA>(*c, t[x], acc[x]);
+                    }
+                }
+                *out = acc;
             }
-            j += TILE;
+            k0 += kn;
         }
-        for i in 0..ROWS {
-            let row = &mut block[i * cols + full..(i + 1) * cols];
+        j += TILE;
+    }
+    if full < cols {
+        for i in 0..rows {
+            let row = &mut w[i * cols + full..(i + 1) * cols];
             for k in 0..rank {
-                let c = lblock[i * rank + k];
+                let c = l[i * rank + k];
                 for (y, x) in row.iter_mut().zip(&r[k * cols + full..(k + 1) * cols]) {
                     *y = madd::<FMA>(c, *x, *y);
                 }
-            }
-        }
-    }
-    // Rows left over when the count is not a multiple of ROWS.
-    for (row, lrow) in rows
-        .into_remainder()
-        .chunks_exact_mut(cols)
-        .zip(ls.remainder().chunks_exact(rank))
-    {
-        for (k, &c) in lrow.iter().enumerate() {
-            for (y, x) in row.iter_mut().zip(&r[k * cols..(k + 1) * cols]) {
-                *y = madd::<FMA>(c, *x, *y);
             }
         }
     }
@@ -142,11 +173,9 @@ pub fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// Count non-finite values and the index of the first. The common all-finite case is one
-/// vectorised pass over the exponent bits.
+/// vectorised pass.
 pub fn non_finite(v: &[f32]) -> Option<(usize, usize)> {
-    const EXP: u32 = 0x7f80_0000;
-    let any = v.iter().fold(0u32, |m, x| m.max(x.to_bits() & EXP));
-    if any != EXP {
+    if adapterkit_core::convert::all_finite(v) {
         return None;
     }
     let mut first = None;
