@@ -182,6 +182,11 @@ fn golden_multi_adapter_with_negative_weight() {
 }
 
 #[test]
+fn golden_two_dora_adapters_on_the_same_modules() {
+    check_golden("multi_dora");
+}
+
+#[test]
 fn golden_named_adapter_subdirectory() {
     check_golden("named");
     // The parent directory of a single named adapter resolves to it.

@@ -186,7 +186,6 @@ fn run_merge(a: MergeArgs) -> Result<()> {
             .block_elems
             .unwrap_or(ExecOptions::default().block_elems)
             .max(1),
-        ..Default::default()
     };
     let started = std::time::Instant::now();
     let report = adapterkit_ops::merge(&base, adapters, out_dtype, &output, &opts)?;
