@@ -747,3 +747,20 @@ fn diff_reports_differences_and_enforces_tolerance() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["differing"], 14);
 }
+
+#[test]
+fn tied_output_head_is_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.safetensors");
+    let err = failed(&run(&[
+        &"merge",
+        &fixtures().join("bases/gpt2"),
+        &fixtures().join("llama_embed/adapter"),
+        &"-o",
+        &out,
+    ]));
+    assert!(
+        err.contains("lm_head.weight") && err.contains("tied"),
+        "{err}"
+    );
+}

@@ -213,11 +213,16 @@ pub fn plan<'a>(
         }
         for m in &ad.modules {
             let Some(info) = base.info(&m.target) else {
+                let hint = if m.target.ends_with("lm_head.weight") {
+                    " (the base stores no separate output head: its lm_head is probably tied to the input embeddings, and merging into one would change both)"
+                } else {
+                    ""
+                };
                 problems.push(problem(
                     file,
                     &m.target,
                     format!(
-                        "module {:?} targets base tensor {:?}, which {} does not have",
+                        "module {:?} targets base tensor {:?}, which {} does not have{hint}",
                         m.module,
                         m.target,
                         base_path.display()
