@@ -3,8 +3,11 @@
 mod diff;
 mod inspect;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use adapterkit_core::DType;
 use adapterkit_formats::{peft, Checkpoint};
@@ -182,13 +185,18 @@ fn run_merge(a: MergeArgs) -> Result<()> {
         threads: a.threads,
         allow_nonfinite: a.allow_nonfinite,
         fsync: a.fsync,
+        progress: None,
         block_elems: a
             .block_elems
             .unwrap_or(ExecOptions::default().block_elems)
             .max(1),
     };
     let started = std::time::Instant::now();
-    let report = adapterkit_ops::merge(&base, adapters, out_dtype, &output, &opts)?;
+    let plan = adapterkit_ops::plan(base.root(), &base, base.tensors(), adapters, out_dtype)?;
+    let report = with_progress(!a.json, plan.out_bytes(), |progress| {
+        let opts = ExecOptions { progress, ..opts };
+        adapterkit_ops::execute(&base, &plan, &output, &opts)
+    })?;
     let secs = started.elapsed().as_secs_f64();
     if a.json {
         let v = serde_json::json!({
@@ -220,6 +228,39 @@ fn run_merge(a: MergeArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Run `work` with a progress line on stderr (when it is a terminal and `show` is set), fed by the
+/// byte counter handed to `work`.
+fn with_progress<T>(show: bool, total: u64, work: impl FnOnce(Option<Arc<AtomicU64>>) -> T) -> T {
+    if !show || !std::io::stderr().is_terminal() {
+        return work(None);
+    }
+    let counter = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let printer = {
+        let (counter, done) = (counter.clone(), done.clone());
+        std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let n = counter.load(Ordering::Relaxed);
+                let secs = start.elapsed().as_secs_f64().max(1e-3);
+                eprint!(
+                    "\r{:>5.1}%  {} of {}  {:.0} MB/s   ",
+                    100.0 * n as f64 / total.max(1) as f64,
+                    inspect::human_bytes(n),
+                    inspect::human_bytes(total),
+                    n as f64 / secs / 1e6
+                );
+            }
+            eprint!("\r{:60}\r", "");
+        })
+    };
+    let out = work(Some(counter));
+    done.store(true, Ordering::Relaxed);
+    let _ = printer.join();
+    out
 }
 
 fn main() -> ExitCode {

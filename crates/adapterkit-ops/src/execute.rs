@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use adapterkit_core::convert::{decode_to_f32, encode_from_f32};
@@ -49,7 +49,7 @@ pub struct Output {
 }
 
 /// Execution parameters.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ExecOptions {
     /// Worker threads (0: one per core).
     pub threads: usize,
@@ -59,6 +59,9 @@ pub struct ExecOptions {
     pub block_elems: usize,
     /// Flush every output file to disk before renaming it into place.
     pub fsync: bool,
+    /// Incremented by the output bytes of each finished work item, for progress displays (the
+    /// total is [`Plan::out_bytes`]).
+    pub progress: Option<Arc<AtomicU64>>,
 }
 
 impl Default for ExecOptions {
@@ -68,6 +71,7 @@ impl Default for ExecOptions {
             allow_nonfinite: false,
             block_elems: 1 << 17,
             fsync: false,
+            progress: None,
         }
     }
 }
@@ -527,6 +531,9 @@ pub fn execute(
                 base.read_bytes(&pt.source.name, offset, buf)?;
                 let (fi, at) = place[t];
                 pending[fi].write_at(at + offset, buf)?;
+                if let Some(p) = &opts.progress {
+                    p.fetch_add(len, Ordering::Relaxed);
+                }
             }
             Item::Block { t, row0, rows } => {
                 let pt = &plan.tensors[t];
@@ -565,6 +572,9 @@ pub fn execute(
                 encode_from_f32(pt.out_dtype, values, out)?;
                 let (fi, at) = place[t];
                 pending[fi].write_at(at + out_off, out)?;
+                if let Some(p) = &opts.progress {
+                    p.fetch_add(out_len as u64, Ordering::Relaxed);
+                }
                 drop(ops);
                 if remaining[t].fetch_sub(1, Ordering::AcqRel) == 1 {
                     cache[t].lock().unwrap_or_else(|e| e.into_inner()).take();

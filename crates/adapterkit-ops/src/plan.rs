@@ -138,6 +138,11 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Total bytes of tensor data the output will hold.
+    pub fn out_bytes(&self) -> u64 {
+        self.tensors.iter().map(PlannedTensor::out_len).sum()
+    }
+
     /// Number of tensors an adapter changes.
     pub fn touched(&self) -> usize {
         self.tensors.iter().filter(|t| !t.ops.is_empty()).count()
