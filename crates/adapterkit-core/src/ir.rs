@@ -17,6 +17,22 @@ use crate::tensor::TensorSource;
 pub enum Family {
     /// Low-rank adaptation (plain, rsLoRA, DoRA, embedding, conv).
     Lora,
+    /// AdaLoRA: SVD-parameterised low rank (`B·(A⊙E)`).
+    AdaLora,
+    /// IA3: learned rescaling of outputs or inputs.
+    Ia3,
+    /// LoHa: Hadamard product of two low-rank products.
+    Loha,
+    /// LoKr: Kronecker product of two (possibly low-rank) factors.
+    Lokr,
+    /// LN tuning: trained copies of normalisation layers.
+    LnTuning,
+    /// Trainable tokens: replaced rows of an embedding.
+    TrainableTokens,
+    /// OFT: block-diagonal orthogonal rotation of the input space.
+    Oft,
+    /// HRA: a chain of Householder reflections of the input space.
+    Hra,
 }
 
 impl Family {
@@ -24,6 +40,14 @@ impl Family {
     pub fn name(self) -> &'static str {
         match self {
             Family::Lora => "lora",
+            Family::AdaLora => "adalora",
+            Family::Ia3 => "ia3",
+            Family::Loha => "loha",
+            Family::Lokr => "lokr",
+            Family::LnTuning => "ln_tuning",
+            Family::TrainableTokens => "trainable_tokens",
+            Family::Oft => "oft",
+            Family::Hra => "hra",
         }
     }
 }
@@ -72,6 +96,118 @@ pub struct LowRank {
     pub scale: f64,
     /// DoRA magnitude vector, if this is a DoRA module.
     pub magnitude: Option<String>,
+    /// AdaLoRA's singular values `E` (r×1): the update is `B·(A⊙E)`.
+    pub singular_values: Option<String>,
+}
+
+/// One factor of a Kronecker product.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KronFactor {
+    /// A full matrix (2-D, or 4-D for a conv factor).
+    Full(String),
+    /// A low-rank product `a·b`.
+    Product {
+        /// Left factor.
+        a: String,
+        /// Right factor.
+        b: String,
+    },
+    /// A Tucker (CP) conv factor: `einsum("ijkl,ip,jr->prkl", t, a, b)`.
+    Tucker {
+        /// Core `(r, r, kh, kw)`.
+        t: String,
+        /// `(r, out)`.
+        a: String,
+        /// `(r, in)`.
+        b: String,
+    },
+}
+
+/// A LoHa update `ΔW = scale · (w1a·w1b) ⊙ (w2a·w2b)`, or its CP (effective conv) form.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hadamard {
+    /// First pair.
+    pub w1a: String,
+    /// First pair, right factor.
+    pub w1b: String,
+    /// Second pair.
+    pub w2a: String,
+    /// Second pair, right factor.
+    pub w2b: String,
+    /// CP cores `(t1, t2)` for the effective-conv form.
+    pub cp: Option<(String, String)>,
+    /// Rank.
+    pub rank: u64,
+    /// Alpha.
+    pub alpha: f64,
+    /// `alpha / r`.
+    pub scale: f64,
+}
+
+/// A LoKr update `ΔW = scale · kron(w1, w2)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kronecker {
+    /// Left factor.
+    pub w1: KronFactor,
+    /// Right factor.
+    pub w2: KronFactor,
+    /// Rank.
+    pub rank: u64,
+    /// Alpha.
+    pub alpha: f64,
+    /// The scale applied.
+    pub scale: f64,
+}
+
+/// How an OFT block's rotation is built from its skew-symmetric generator `Q`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Cayley {
+    /// The truncated series `I + 2Q + 2Q² + … + Q^{n−1}` with `n` terms (PEFT's default), which
+    /// approximates `(I + Q)(I − Q)⁻¹`.
+    Neumann(u32),
+    /// The exact `(I − Q)(I + Q)⁻¹` (the transpose of the series' limit).
+    Exact,
+}
+
+/// An OFT update: `W' = W · Rᵀ` with `R` block-diagonal, each block the Cayley transform of a
+/// skew-symmetric matrix packed as its strict upper triangle.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Oft {
+    /// `(blocks or 1, b(b−1)/2)` packed generators.
+    pub tensor: String,
+    /// Block size `b`.
+    pub block_size: u64,
+    /// One generator shared by every block.
+    pub block_share: bool,
+    /// Rotation construction.
+    pub cayley: Cayley,
+    /// Constrained OFT: the generator's Frobenius norm is clamped to `eps / √blocks`.
+    pub coft_eps: Option<f64>,
+    /// Whether the stored weight is `(in, out)`.
+    pub fan_in_fan_out: bool,
+}
+
+/// An HRA update: `W' = W · H`, `H = Π_i (I − 2 u_i u_iᵀ)` over the normalised columns of `u`, or
+/// `I − 2UUᵀ` after Gram–Schmidt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Householder {
+    /// `(in, r)` vectors.
+    pub tensor: String,
+    /// Number of reflections.
+    pub rank: u64,
+    /// Orthonormalise the vectors first (`apply_GS`).
+    pub gram_schmidt: bool,
+    /// Whether the stored weight is `(in, out)`.
+    pub fan_in_fan_out: bool,
+}
+
+/// Which axis of the weight (in PEFT's `(out, in, …)` orientation) a scaling vector runs along.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleAxis {
+    /// One factor per output unit (rows).
+    Output,
+    /// One factor per input unit (columns; for convs, per input channel).
+    Input,
 }
 
 /// What a module adapter does to its base tensor.
@@ -87,10 +223,34 @@ pub enum Payload {
         /// Scale applied to it.
         scale: f64,
     },
-    /// Replace the base tensor (PEFT's `modules_to_save`, saved embedding layers).
+    /// Replace the base tensor (PEFT's `modules_to_save`, saved embedding layers, LN tuning).
     Replace {
         /// Name of the replacement tensor in the adapter's source.
         tensor: String,
+    },
+    /// Multiply the weight by a vector along one axis (IA3; also a bias when `axis` is Output).
+    Scale {
+        /// The vector's tensor name.
+        tensor: String,
+        /// The axis it scales.
+        axis: ScaleAxis,
+        /// Whether the stored weight is `(in, out)` (`fan_in_fan_out`).
+        fan_in_fan_out: bool,
+    },
+    /// LoHa.
+    Hadamard(Hadamard),
+    /// LoKr.
+    Kronecker(Kronecker),
+    /// OFT rotation.
+    Oft(Oft),
+    /// HRA reflections.
+    Householder(Householder),
+    /// Replace rows `indices` of an embedding with the rows of `tensor`.
+    ReplaceRows {
+        /// `(len(indices), dim)` replacement rows.
+        tensor: String,
+        /// Row indices.
+        indices: Vec<u64>,
     },
 }
 
@@ -103,9 +263,43 @@ impl Payload {
                 if let Some(m) = &lr.magnitude {
                     v.push(m);
                 }
+                if let Some(e) = &lr.singular_values {
+                    v.push(e);
+                }
                 v
             }
-            Payload::Add { tensor, .. } | Payload::Replace { tensor } => vec![tensor.as_str()],
+            Payload::Add { tensor, .. }
+            | Payload::Replace { tensor }
+            | Payload::Scale { tensor, .. }
+            | Payload::ReplaceRows { tensor, .. } => vec![tensor.as_str()],
+            Payload::Oft(o) => vec![o.tensor.as_str()],
+            Payload::Householder(h) => vec![h.tensor.as_str()],
+            Payload::Hadamard(h) => {
+                let mut v = vec![
+                    h.w1a.as_str(),
+                    h.w1b.as_str(),
+                    h.w2a.as_str(),
+                    h.w2b.as_str(),
+                ];
+                if let Some((t1, t2)) = &h.cp {
+                    v.push(t1);
+                    v.push(t2);
+                }
+                v
+            }
+            Payload::Kronecker(k) => {
+                let mut v = Vec::new();
+                for f in [&k.w1, &k.w2] {
+                    match f {
+                        KronFactor::Full(x) => v.push(x.as_str()),
+                        KronFactor::Product { a, b } => v.extend([a.as_str(), b.as_str()]),
+                        KronFactor::Tucker { t, a, b } => {
+                            v.extend([t.as_str(), a.as_str(), b.as_str()])
+                        }
+                    }
+                }
+                v
+            }
         }
     }
 
@@ -113,9 +307,16 @@ impl Payload {
     pub fn kind(&self) -> &'static str {
         match self {
             Payload::LowRank(lr) if lr.magnitude.is_some() => "dora",
+            Payload::LowRank(lr) if lr.singular_values.is_some() => "adalora",
             Payload::LowRank(_) => "lora",
             Payload::Add { .. } => "add",
             Payload::Replace { .. } => "replace",
+            Payload::Scale { .. } => "scale",
+            Payload::Hadamard(_) => "loha",
+            Payload::Kronecker(_) => "lokr",
+            Payload::ReplaceRows { .. } => "rows",
+            Payload::Oft(_) => "oft",
+            Payload::Householder(_) => "hra",
         }
     }
 }

@@ -13,6 +13,7 @@
 pub mod checkpoint;
 pub mod error;
 pub mod peft;
+pub mod peft_families;
 pub mod safetensors;
 
 pub use checkpoint::Checkpoint;

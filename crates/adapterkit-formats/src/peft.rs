@@ -94,7 +94,8 @@ pub enum ModuleSelector {
 }
 
 impl ModuleSelector {
-    fn from_value(v: &Value) -> Option<Option<Self>> {
+    /// Parse a JSON value (`null`, a string or a list of strings).
+    pub fn from_value(v: &Value) -> Option<Option<Self>> {
         match v {
             Value::Null => Some(None),
             Value::String(s) if s == "all-linear" => Some(Some(ModuleSelector::AllLinear)),
@@ -144,7 +145,7 @@ pub struct LoraConfig {
     pub layers_pattern: Vec<String>,
 }
 
-fn cfg_err(path: &Path, message: impl Into<String>) -> Error {
+pub(crate) fn cfg_err(path: &Path, message: impl Into<String>) -> Error {
     Error::InvalidConfig {
         path: path.to_path_buf(),
         message: message.into(),
@@ -169,6 +170,12 @@ fn pattern_regex(key: &str) -> std::result::Result<Regex, regex::Error> {
 impl LoraConfig {
     /// Parse the LoRA fields of a config object, checking each field's type.
     pub fn from_json(path: &Path, v: &Value) -> Result<Self> {
+        Self::from_json_keyed(path, v, "lora_alpha")
+    }
+
+    /// Like [`LoraConfig::from_json`], with the alpha read from `alpha_key` (LoHa and LoKr
+    /// call it `alpha`).
+    pub fn from_json_keyed(path: &Path, v: &Value, alpha_key: &str) -> Result<Self> {
         let peft_type = v
             .get("peft_type")
             .and_then(Value::as_str)
@@ -176,16 +183,16 @@ impl LoraConfig {
             .to_string();
         let r = match v.get("r") {
             None | Some(Value::Null) => 8,
-            Some(x) => x
-                .as_u64()
-                .filter(|&r| r > 0)
-                .ok_or_else(|| cfg_err(path, format!("r must be a positive integer, found {x}")))?,
+            // OFT configs set r = 0 when oft_block_size fixes the blocks instead.
+            Some(x) => x.as_u64().ok_or_else(|| {
+                cfg_err(path, format!("r must be a non-negative integer, found {x}"))
+            })?,
         };
-        let lora_alpha = match v.get("lora_alpha") {
+        let lora_alpha = match v.get(alpha_key) {
             None | Some(Value::Null) => 8.0,
             Some(x) => x
                 .as_f64()
-                .ok_or_else(|| cfg_err(path, format!("lora_alpha must be a number, found {x}")))?,
+                .ok_or_else(|| cfg_err(path, format!("{alpha_key} must be a number, found {x}")))?,
         };
         let selector = |key: &str| -> Result<Option<ModuleSelector>> {
             match v.get(key) {
@@ -355,7 +362,9 @@ impl LoraConfig {
         }
     }
 
-    fn selector_matches(sel: &ModuleSelector, module: &str, linear: bool) -> bool {
+    /// Whether `sel` matches `module` with PEFT's semantics (list: exact or `.name` suffix;
+    /// string: full regex match; `all-linear`: linear layers but the head).
+    pub fn selector_matches(sel: &ModuleSelector, module: &str, linear: bool) -> bool {
         match sel {
             ModuleSelector::List(l) => l
                 .iter()
@@ -475,7 +484,7 @@ fn classify(key: &str) -> (String, Role) {
 }
 
 /// The base tensor a full saved tensor replaces: the key with PEFT's wrapper infixes removed.
-fn replaced_target(module_key: &str) -> String {
+pub(crate) fn replaced_target(module_key: &str) -> String {
     module_key
         .replace(".base_layer.", ".")
         .replace(".modules_to_save.", ".")
@@ -528,19 +537,32 @@ pub fn open(path: &Path) -> Result<PeftAdapter> {
             known: KNOWN_PEFT_TYPES.join(", "),
         });
     }
-    if peft_type != "LORA" {
-        let reason = if PROMPT_LEARNING_TYPES.contains(&peft_type.as_str()) {
-            "a prompt-learning method: it adds virtual tokens at run time and has no weights that can be merged".to_string()
-        } else {
-            "this version of adapterkit reads LoRA-family PEFT adapters only".to_string()
-        };
-        return Err(Error::UnsupportedPeftType {
-            path: cfg_path,
-            peft_type,
-            reason,
-        });
-    }
-    let cfg = LoraConfig::from_json(&cfg_path, &json)?;
+    let family = match peft_type.as_str() {
+        "LORA" => Family::Lora,
+        "IA3" => Family::Ia3,
+        "LOHA" => Family::Loha,
+        "LOKR" => Family::Lokr,
+        "OFT" => Family::Oft,
+        "HRA" => Family::Hra,
+        _ => {
+            let reason = if PROMPT_LEARNING_TYPES.contains(&peft_type.as_str()) {
+                "a prompt-learning method: it adds virtual tokens at run time and has no weights that can be merged".to_string()
+            } else {
+                "this version of adapterkit reads LoRA, IA3, LoHa, LoKr, OFT and HRA PEFT adapters"
+                    .to_string()
+            };
+            return Err(Error::UnsupportedPeftType {
+                path: cfg_path,
+                peft_type,
+                reason,
+            });
+        }
+    };
+    let alpha_key = match family {
+        Family::Loha | Family::Lokr => "alpha",
+        _ => "lora_alpha",
+    };
+    let cfg = LoraConfig::from_json_keyed(&cfg_path, &json, alpha_key)?;
 
     let st_path = dir.join("adapter_model.safetensors");
     if !st_path.is_file() {
@@ -557,7 +579,10 @@ pub fn open(path: &Path) -> Result<PeftAdapter> {
         });
     }
     let file = SafetensorsFile::open_mapped(&st_path)?;
-    let modules = build_modules(&st_path, &cfg, &file)?;
+    let modules = match family {
+        Family::Lora => build_modules(&st_path, &cfg, &file)?,
+        _ => crate::peft_families::build(family, &st_path, &cfg, &json, &file)?,
+    };
     let tensor_names = file.tensors().iter().map(|t| t.name.clone()).collect();
     Ok(PeftAdapter {
         dir,
@@ -566,7 +591,7 @@ pub fn open(path: &Path) -> Result<PeftAdapter> {
             path: st_path,
             format: "peft",
             method: cfg.peft_type.clone(),
-            family: Family::Lora,
+            family,
             base_model: cfg.base_model.clone(),
             modules,
             tensors: Arc::new(file),
@@ -575,7 +600,7 @@ pub fn open(path: &Path) -> Result<PeftAdapter> {
     })
 }
 
-fn shape_str(t: &TensorInfo) -> String {
+pub(crate) fn shape_str(t: &TensorInfo) -> String {
     format!("{:?}", t.shape)
 }
 
@@ -754,6 +779,7 @@ fn build_modules(
                 rslora: cfg.use_rslora,
                 scale,
                 magnitude,
+                singular_values: None,
             }),
         });
         if let Some(bias) = p.bias {
@@ -861,7 +887,7 @@ mod tests {
         let e = LoraConfig::from_json(Path::new("c.json"), &json!({"peft_type":"LORA","r":"8"}))
             .unwrap_err();
         assert!(
-            e.to_string().contains("r must be a positive integer"),
+            e.to_string().contains("r must be a non-negative integer"),
             "{e}"
         );
         let e = LoraConfig::from_json(

@@ -4,8 +4,10 @@
 //! base and reports all problems together; [`execute::execute`] streams the base through the
 //! plan into the output. [`merge`] does both.
 
+mod apply;
 pub mod error;
 pub mod execute;
+pub mod families;
 pub mod kernels;
 pub mod plan;
 

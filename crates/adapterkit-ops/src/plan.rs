@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use adapterkit_core::ir::{Adapter, LayerKind, Payload};
+use adapterkit_core::ir::{Adapter, KronFactor, LayerKind, Payload, ScaleAxis};
 use adapterkit_core::{DType, TensorInfo, TensorSource};
 
 use crate::error::{Error, Problem, Result};
@@ -79,6 +79,45 @@ pub enum OpSpec {
         /// Merge weight.
         weight: f32,
     },
+    /// Multiply along a stored axis by a vector: `W ← W ⊙ (1 + weight·(s − 1))` (IA3). For
+    /// `Cols`, each entry of `s` covers `repeat` consecutive columns (a conv's kernel).
+    Scale {
+        /// Index of the adapter.
+        adapter: usize,
+        /// Vector tensor name.
+        tensor: String,
+        /// Stored axis the vector runs along.
+        axis: NormAxis,
+        /// Columns per entry.
+        repeat: usize,
+        /// Merge weight.
+        weight: f32,
+    },
+    /// Add a dense update built from the payload (LoHa, LoKr), `(out, in·k)` in PEFT's
+    /// orientation, transposed onto the stored tensor when `fan_in_fan_out`.
+    Dense {
+        /// Index of the adapter.
+        adapter: usize,
+        /// The payload to build the update from.
+        payload: Payload,
+        /// Whether the stored tensor is `(in, out)`.
+        fan_in_fan_out: bool,
+        /// Merge weight.
+        weight: f32,
+    },
+    /// Multiply each input-space vector by an orthogonal transform (OFT, HRA):
+    /// `W ← W + weight·(W·T − W)` in PEFT's orientation. `transposed` when the stored tensor is
+    /// `(in, out)`, so the transform runs down columns.
+    Transform {
+        /// Index of the adapter.
+        adapter: usize,
+        /// The payload to build the transform from.
+        payload: Payload,
+        /// Whether the stored tensor is `(in, out)`.
+        transposed: bool,
+        /// Merge weight.
+        weight: f32,
+    },
     /// `W ← W + weight·(N − W)` (plain replacement at weight 1).
     Replace {
         /// Index of the adapter.
@@ -97,6 +136,9 @@ impl OpSpec {
             self,
             OpSpec::LowRank {
                 magnitude: Some((_, NormAxis::Cols)),
+                ..
+            } | OpSpec::Transform {
+                transposed: true,
                 ..
             }
         )
@@ -338,6 +380,187 @@ pub fn plan<'a>(
                     OpSpec::Replace {
                         adapter: ai,
                         tensor: tensor.clone(),
+                        weight,
+                    }
+                }
+                Payload::Scale {
+                    tensor,
+                    axis,
+                    fan_in_fan_out,
+                } => {
+                    let Some(v) = ainfo(tensor) else { continue };
+                    let n = v.numel();
+                    // In PEFT's orientation the weight is (out, in, k…); stored transposed with
+                    // fan_in_fan_out.
+                    let (out_dim, in_dim) = if *fan_in_fan_out {
+                        (info.shape.get(1).copied().unwrap_or(1), info.shape[0])
+                    } else {
+                        (info.shape[0], info.shape.get(1).copied().unwrap_or(1))
+                    };
+                    let kernel: u64 = info.shape.iter().skip(2).product();
+                    let (axis_stored, repeat, want) = match (axis, fan_in_fan_out) {
+                        (ScaleAxis::Output, false) => (NormAxis::Rows, 1, out_dim),
+                        (ScaleAxis::Output, true) => (NormAxis::Cols, 1, out_dim),
+                        (ScaleAxis::Input, false) => (NormAxis::Cols, kernel as usize, in_dim),
+                        (ScaleAxis::Input, true) => (NormAxis::Rows, 1, in_dim),
+                    };
+                    if n != want || info.shape.len() < 2 {
+                        problems.push(problem(
+                            file,
+                            &m.target,
+                            format!("shape mismatch: {tensor} {:?} scales {} {want} {}, but the base tensor is {:?}", v.shape, if *axis == ScaleAxis::Output { "outputs: expected" } else { "inputs: expected" }, "values", info.shape),
+                        ));
+                        continue;
+                    }
+                    // PEFT also scales the bias of an output-scaled layer, when it has one.
+                    if *axis == ScaleAxis::Output {
+                        let bias = format!("{}.bias", m.module);
+                        if base.info(&bias).is_some_and(|b| b.numel() == n) {
+                            ops.entry(bias).or_default().push(OpSpec::Scale {
+                                adapter: ai,
+                                tensor: tensor.clone(),
+                                axis: NormAxis::Cols,
+                                repeat: 1,
+                                weight,
+                            });
+                        }
+                    }
+                    OpSpec::Scale {
+                        adapter: ai,
+                        tensor: tensor.clone(),
+                        axis: axis_stored,
+                        repeat,
+                        weight,
+                    }
+                }
+                Payload::Hadamard(_) | Payload::Kronecker(_) => {
+                    let fifo = false;
+                    let dims = |n: &str| ainfo(n).map(|t| t.shape);
+                    let shape = match &m.payload {
+                        Payload::Hadamard(h) => match &h.cp {
+                            None => {
+                                match (dims(&h.w1a), dims(&h.w1b), dims(&h.w2a), dims(&h.w2b)) {
+                                    (Some(a1), Some(b1), Some(a2), Some(b2))
+                                        if a1.len() == 2
+                                            && b1.len() == 2
+                                            && a1 == a2
+                                            && b1 == b2
+                                            && a1[1] == b1[0] =>
+                                    {
+                                        Some(vec![a1[0], b1[1]])
+                                    }
+                                    _ => None,
+                                }
+                            }
+                            Some((t1, _)) => match (dims(t1), dims(&h.w1a), dims(&h.w1b)) {
+                                (Some(t), Some(a), Some(b))
+                                    if t.len() >= 3 && a.len() == 2 && b.len() == 2 =>
+                                {
+                                    let mut s = vec![a[1], b[1]];
+                                    s.extend(&t[2..]);
+                                    Some(vec![a[1], s[1..].iter().product()])
+                                }
+                                _ => None,
+                            },
+                        },
+                        Payload::Kronecker(k) => {
+                            let factor = |f: &KronFactor| -> Option<(u64, u64)> {
+                                match f {
+                                    KronFactor::Full(x) => {
+                                        dims(x).map(|d| (d[0], d[1..].iter().product()))
+                                    }
+                                    KronFactor::Product { a, b } => match (dims(a), dims(b)) {
+                                        (Some(a), Some(b)) if a.len() == 2 && a[1] == b[0] => {
+                                            Some((a[0], b[1..].iter().product()))
+                                        }
+                                        _ => None,
+                                    },
+                                    KronFactor::Tucker { t, a, b } => {
+                                        match (dims(t), dims(a), dims(b)) {
+                                            (Some(t), Some(a), Some(b)) => {
+                                                Some((a[1], b[1] * t[2..].iter().product::<u64>()))
+                                            }
+                                            _ => None,
+                                        }
+                                    }
+                                }
+                            };
+                            match (factor(&k.w1), factor(&k.w2)) {
+                                (Some((a, b)), Some((c, d))) => Some(vec![a * c, b * d]),
+                                _ => None,
+                            }
+                        }
+                        _ => None,
+                    };
+                    let (rows, cols) = info.rows_cols();
+                    match shape {
+                        Some(s) if s == vec![rows, cols] => {}
+                        Some(s) => {
+                            problems.push(problem(file, &m.target, format!("shape mismatch: the {} factors give a {:?} update but the base tensor is {:?}", m.payload.kind(), s, info.shape)));
+                            continue;
+                        }
+                        None => {
+                            problems.push(problem(
+                                file,
+                                &m.target,
+                                format!(
+                                    "the {} factors have inconsistent shapes",
+                                    m.payload.kind()
+                                ),
+                            ));
+                            continue;
+                        }
+                    }
+                    OpSpec::Dense {
+                        adapter: ai,
+                        payload: m.payload.clone(),
+                        fan_in_fan_out: fifo,
+                        weight,
+                    }
+                }
+                Payload::Oft(o) => {
+                    let Some(t) = ainfo(&o.tensor) else { continue };
+                    let (rows, cols) = info.rows_cols();
+                    let in_dim = if o.fan_in_fan_out { rows } else { cols };
+                    let blocks = if o.block_share {
+                        in_dim / o.block_size
+                    } else {
+                        t.shape[0]
+                    };
+                    if blocks * o.block_size != in_dim || info.shape.len() < 2 {
+                        problems.push(problem(
+                            file,
+                            &m.target,
+                            format!(
+                                "shape mismatch: {} holds {} block(s) of size {} = {} inputs, but the base tensor {:?} has {in_dim}",
+                                o.tensor, blocks, o.block_size, blocks * o.block_size, info.shape
+                            ),
+                        ));
+                        continue;
+                    }
+                    OpSpec::Transform {
+                        adapter: ai,
+                        payload: m.payload.clone(),
+                        transposed: o.fan_in_fan_out,
+                        weight,
+                    }
+                }
+                Payload::Householder(h) => {
+                    let Some(t) = ainfo(&h.tensor) else { continue };
+                    let (rows, cols) = info.rows_cols();
+                    let in_dim = if h.fan_in_fan_out { rows } else { cols };
+                    if t.shape[0] != in_dim || info.shape.len() < 2 {
+                        problems.push(problem(
+                            file,
+                            &m.target,
+                            format!("shape mismatch: {} {:?} reflects {}-vectors, but the base tensor {:?} has {in_dim} inputs", h.tensor, t.shape, t.shape[0], info.shape),
+                        ));
+                        continue;
+                    }
+                    OpSpec::Transform {
+                        adapter: ai,
+                        payload: m.payload.clone(),
+                        transposed: h.fan_in_fan_out,
                         weight,
                     }
                 }

@@ -1,0 +1,317 @@
+//! Operations with their adapter tensors loaded (`Prepared`), and their application to a block of
+//! rows in f32. Every family compiles to these few primitives: a low-rank update (with DoRA), a
+//! dense addition, a scaling along an axis, a replacement.
+
+use crate::error::Result;
+use crate::families;
+use crate::kernels::{add_low_rank, low_rank_row, transpose};
+use crate::plan::{NormAxis, OpSpec, Orientation, Plan, PlannedTensor};
+
+/// An operation with its adapter tensors loaded as f32.
+pub(crate) enum Prepared {
+    LowRank {
+        l: Vec<f32>,
+        r: Vec<f32>,
+        rank: usize,
+        weight: f32,
+        dora: Option<(Vec<f32>, NormAxis)>,
+    },
+    Add {
+        delta: Vec<f32>,
+        factor: f32,
+    },
+    Replace {
+        data: Vec<f32>,
+        weight: f32,
+    },
+    Scale {
+        s: Vec<f32>,
+        axis: NormAxis,
+        repeat: usize,
+        weight: f32,
+    },
+    Transform {
+        t: families::RowTransform,
+        transposed: bool,
+        weight: f32,
+    },
+}
+
+pub(crate) fn prepare(plan: &Plan, t: &PlannedTensor) -> Result<Vec<Prepared>> {
+    let (rows, cols) = t.source.rows_cols();
+    let (rows, cols) = (rows as usize, cols as usize);
+    let mut out = Vec::with_capacity(t.ops.len());
+    for op in &t.ops {
+        out.push(match op {
+            OpSpec::LowRank {
+                adapter,
+                a,
+                b,
+                rank,
+                orientation,
+                scale,
+                weight,
+                magnitude,
+            } => {
+                let src = &plan.adapters[*adapter].adapter.tensors;
+                let a = src.read_f32(a)?;
+                let b = src.read_f32(b)?;
+                let (mut l, r) = match orientation {
+                    // B is (rows × r), A is (r × cols).
+                    Orientation::Normal => (b, a),
+                    // A is (r × rows), B is (cols × r).
+                    Orientation::Transposed => {
+                        (transpose(&a, *rank, rows), transpose(&b, cols, *rank))
+                    }
+                };
+                let dora = match magnitude {
+                    Some((m, axis)) => Some((src.read_f32(m)?, *axis)),
+                    None => None,
+                };
+                // Fold the scale into L; for plain LoRA the weight too.
+                let fold = if dora.is_some() {
+                    *scale
+                } else {
+                    scale * weight
+                };
+                l.iter_mut().for_each(|x| *x *= fold);
+                Prepared::LowRank {
+                    l,
+                    r,
+                    rank: *rank,
+                    weight: *weight,
+                    dora,
+                }
+            }
+            OpSpec::Add {
+                adapter,
+                tensor,
+                scale,
+                weight,
+            } => Prepared::Add {
+                delta: plan.adapters[*adapter].adapter.tensors.read_f32(tensor)?,
+                factor: scale * weight,
+            },
+            OpSpec::Scale {
+                adapter,
+                tensor,
+                axis,
+                repeat,
+                weight,
+            } => Prepared::Scale {
+                s: plan.adapters[*adapter].adapter.tensors.read_f32(tensor)?,
+                axis: *axis,
+                repeat: *repeat,
+                weight: *weight,
+            },
+            OpSpec::Dense {
+                adapter,
+                payload,
+                fan_in_fan_out,
+                weight,
+            } => {
+                let src = plan.adapters[*adapter].adapter.tensors.as_ref();
+                let delta = families::dense_delta(src, payload)?;
+                let delta = if *fan_in_fan_out {
+                    transpose(&delta, cols, rows)
+                } else {
+                    delta
+                };
+                Prepared::Add {
+                    delta,
+                    factor: *weight,
+                }
+            }
+            OpSpec::Transform {
+                adapter,
+                payload,
+                transposed,
+                weight,
+            } => Prepared::Transform {
+                t: families::row_transform(
+                    plan.adapters[*adapter].adapter.tensors.as_ref(),
+                    payload,
+                    if *transposed { rows } else { cols },
+                )?,
+                transposed: *transposed,
+                weight: *weight,
+            },
+            OpSpec::Replace {
+                adapter,
+                tensor,
+                weight,
+            } => Prepared::Replace {
+                data: plan.adapters[*adapter].adapter.tensors.read_f32(tensor)?,
+                weight: *weight,
+            },
+        });
+    }
+    Ok(out)
+}
+
+/// Apply `ops` to rows `row0..row0 + w.len()/cols` of a tensor `cols` wide. When a DoRA op needs
+/// column norms, `w` must be the whole tensor.
+pub(crate) fn apply_ops(
+    w: &mut [f32],
+    row0: usize,
+    cols: usize,
+    ops: &[Prepared],
+    tmp: &mut Vec<f32>,
+) {
+    let rows = w.len().checked_div(cols).unwrap_or(0);
+    tmp.resize(cols, 0.0);
+    for op in ops {
+        if let Prepared::Replace { data, weight } = op {
+            let src = &data[row0 * cols..(row0 + rows) * cols];
+            if *weight == 1.0 {
+                w.copy_from_slice(src);
+            } else {
+                for (x, n) in w.iter_mut().zip(src) {
+                    *x += weight * (n - *x);
+                }
+            }
+        }
+    }
+    // DoRA norms are taken on the weight the adapters were trained on (after replacements,
+    // before any update), as PEFT does when it merges several adapters into one layer.
+    let mut norms: Vec<Option<Vec<f32>>> = Vec::with_capacity(ops.len());
+    for op in ops {
+        norms.push(match op {
+            Prepared::LowRank {
+                l,
+                r,
+                rank,
+                dora: Some((_, axis)),
+                ..
+            } => {
+                let mut acc = vec![0f64; if *axis == NormAxis::Rows { rows } else { cols }];
+                for i in 0..rows {
+                    low_rank_row(tmp, &l[(row0 + i) * rank..(row0 + i + 1) * rank], r);
+                    let wr = &w[i * cols..(i + 1) * cols];
+                    match axis {
+                        NormAxis::Rows => {
+                            acc[i] = wr
+                                .iter()
+                                .zip(tmp.iter())
+                                .map(|(a, d)| ((a + d) as f64).powi(2))
+                                .sum();
+                        }
+                        NormAxis::Cols => {
+                            for ((s, a), d) in acc.iter_mut().zip(wr).zip(tmp.iter()) {
+                                *s += ((a + d) as f64).powi(2);
+                            }
+                        }
+                    }
+                }
+                Some(acc.into_iter().map(|s| s.sqrt() as f32).collect())
+            }
+            _ => None,
+        });
+    }
+    for (op, norm) in ops.iter().zip(&norms) {
+        match op {
+            Prepared::Replace { .. } => {}
+            Prepared::Transform {
+                t,
+                transposed,
+                weight,
+            } => {
+                let mut v = Vec::new();
+                if *transposed {
+                    // Columns of the whole (in, out) tensor are the input-space vectors.
+                    v.resize(rows, 0.0);
+                    for j in 0..cols {
+                        for (i, x) in v.iter_mut().enumerate() {
+                            *x = w[i * cols + j];
+                        }
+                        t.apply(&mut v, tmp);
+                        for (i, x) in v.iter().enumerate() {
+                            let old = w[i * cols + j];
+                            w[i * cols + j] = if *weight == 1.0 {
+                                *x
+                            } else {
+                                old + weight * (x - old)
+                            };
+                        }
+                    }
+                } else {
+                    for row in w.chunks_exact_mut(cols) {
+                        v.clear();
+                        v.extend_from_slice(row);
+                        t.apply(&mut v, tmp);
+                        for (x, y) in row.iter_mut().zip(&v) {
+                            *x = if *weight == 1.0 {
+                                *y
+                            } else {
+                                *x + weight * (y - *x)
+                            };
+                        }
+                    }
+                }
+            }
+            Prepared::Scale {
+                s,
+                axis,
+                repeat,
+                weight,
+            } => {
+                let f = |v: f32| 1.0 + weight * (v - 1.0);
+                match axis {
+                    NormAxis::Rows => {
+                        for (i, row) in w.chunks_exact_mut(cols).enumerate() {
+                            let k = f(s[row0 + i]);
+                            row.iter_mut().for_each(|x| *x *= k);
+                        }
+                    }
+                    NormAxis::Cols => {
+                        let factors: Vec<f32> = (0..cols).map(|j| f(s[j / repeat])).collect();
+                        for row in w.chunks_exact_mut(cols) {
+                            for (x, k) in row.iter_mut().zip(&factors) {
+                                *x *= k;
+                            }
+                        }
+                    }
+                }
+            }
+            Prepared::Add { delta, factor } => {
+                for (x, d) in w.iter_mut().zip(&delta[row0 * cols..(row0 + rows) * cols]) {
+                    *x += factor * *d;
+                }
+            }
+            Prepared::LowRank {
+                l,
+                r,
+                rank,
+                dora: None,
+                ..
+            } => {
+                add_low_rank(w, cols, &l[row0 * rank..(row0 + rows) * rank], r, *rank);
+            }
+            Prepared::LowRank {
+                l,
+                r,
+                rank,
+                weight,
+                dora: Some((mag, axis)),
+            } => {
+                let norm = norm.as_ref().expect("norm computed for every DoRA op");
+                for i in 0..rows {
+                    low_rank_row(tmp, &l[(row0 + i) * rank..(row0 + i + 1) * rank], r);
+                    let wr = &mut w[i * cols..(i + 1) * cols];
+                    for (j, (x, d)) in wr.iter_mut().zip(tmp.iter()).enumerate() {
+                        let f = match axis {
+                            NormAxis::Rows => mag[row0 + i] / norm[i],
+                            NormAxis::Cols => mag[j] / norm[j],
+                        };
+                        let merged = f * (*x + d);
+                        *x = if *weight == 1.0 {
+                            merged
+                        } else {
+                            *x + weight * (merged - *x)
+                        };
+                    }
+                }
+            }
+        }
+    }
+}

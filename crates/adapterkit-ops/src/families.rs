@@ -1,0 +1,359 @@
+//! Family math beyond LoRA. Dense updates of the families whose `ΔW` has no low-rank form: LoHa
+//! (Hadamard product of two low-rank products) and LoKr (Kronecker product); input-space
+//! transforms of the multiplicative families: OFT (block-diagonal Cayley rotations) and HRA
+//! (Householder reflections). Each returns `ΔW` as a row-major
+//! `(out, in·k…)` matrix in PEFT's orientation, already scaled. Formulas: `formats/peft.md`.
+
+use adapterkit_core::ir::{Cayley, KronFactor, Payload};
+use adapterkit_core::TensorSource;
+
+use crate::error::{Error, Result};
+
+/// `a (m×k) · b (k×n)`, row-major.
+fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut c = vec![0f32; m * n];
+    for i in 0..m {
+        let row = &mut c[i * n..(i + 1) * n];
+        for p in 0..k {
+            let x = a[i * k + p];
+            if x != 0.0 {
+                for (y, z) in row.iter_mut().zip(&b[p * n..(p + 1) * n]) {
+                    *y += x * z;
+                }
+            }
+        }
+    }
+    c
+}
+
+fn dims(src: &dyn TensorSource, name: &str) -> Result<Vec<usize>> {
+    src.info(name)
+        .map(|t| t.shape.iter().map(|&d| d as usize).collect())
+        .ok_or_else(|| Error::Core(adapterkit_core::Error::TensorNotFound { name: name.into() }))
+}
+
+/// `Σ_ij t[i,j,s] · a[i,p] · b[j,q]` → `(p, q, s)` flattened to `(p, q·s)`: the CP/Tucker rebuild
+/// both LoHa (`einsum("ijkl,jr,ip->prkl")`) and LoKr (`einsum("ijkl,ip,jr->prkl")`) use.
+fn tucker(src: &dyn TensorSource, t: &str, a: &str, b: &str) -> Result<(Vec<f32>, usize, usize)> {
+    let (td, ad, bd) = (dims(src, t)?, dims(src, a)?, dims(src, b)?);
+    let (ri, rj) = (td[0], td[1]);
+    let s: usize = td[2..].iter().product();
+    let (p, q) = (ad[1], bd[1]);
+    let (tv, av, bv) = (src.read_f32(t)?, src.read_f32(a)?, src.read_f32(b)?);
+    // u[i, q, s] = Σ_j t[i,j,s] · b[j,q]
+    let mut u = vec![0f32; ri * q * s];
+    for i in 0..ri {
+        for j in 0..rj {
+            for qq in 0..q {
+                let bj = bv[j * q + qq];
+                for ss in 0..s {
+                    u[(i * q + qq) * s + ss] += tv[(i * rj + j) * s + ss] * bj;
+                }
+            }
+        }
+    }
+    // out[p, q, s] = Σ_i a[i,p] · u[i,q,s]
+    let mut out = vec![0f32; p * q * s];
+    for i in 0..ri {
+        for pp in 0..p {
+            let x = av[i * p + pp];
+            for (o, y) in out[pp * q * s..(pp + 1) * q * s]
+                .iter_mut()
+                .zip(&u[i * q * s..(i + 1) * q * s])
+            {
+                *o += x * y;
+            }
+        }
+    }
+    Ok((out, p, q * s))
+}
+
+fn product(src: &dyn TensorSource, a: &str, b: &str) -> Result<(Vec<f32>, usize, usize)> {
+    let (ad, bd) = (dims(src, a)?, dims(src, b)?);
+    let (m, k) = (ad[0], ad[1]);
+    let n: usize = bd[1..].iter().product();
+    Ok((matmul(&src.read_f32(a)?, &src.read_f32(b)?, m, k, n), m, n))
+}
+
+fn factor(src: &dyn TensorSource, f: &KronFactor) -> Result<(Vec<f32>, usize, usize)> {
+    match f {
+        KronFactor::Full(x) => {
+            let d = dims(src, x)?;
+            Ok((src.read_f32(x)?, d[0], d[1..].iter().product()))
+        }
+        KronFactor::Product { a, b } => product(src, a, b),
+        KronFactor::Tucker { t, a, b } => tucker(src, t, a, b),
+    }
+}
+
+/// `ΔW` for a dense payload, `(out, in·k…)` row-major, scaled.
+pub fn dense_delta(src: &dyn TensorSource, payload: &Payload) -> Result<Vec<f32>> {
+    match payload {
+        Payload::Hadamard(h) => {
+            let ((p1, ..), (p2, ..)) = match &h.cp {
+                None => (product(src, &h.w1a, &h.w1b)?, product(src, &h.w2a, &h.w2b)?),
+                // CP form (effective conv): w?a is (r, out), w?b is (r, in), t? is (r, r, k…).
+                Some((t1, t2)) => (
+                    tucker(src, t1, &h.w1a, &h.w1b)?,
+                    tucker(src, t2, &h.w2a, &h.w2b)?,
+                ),
+            };
+            let s = h.scale as f32;
+            Ok(p1.iter().zip(&p2).map(|(a, b)| a * b * s).collect())
+        }
+        Payload::Kronecker(k) => {
+            let (a, ar, ac) = factor(src, &k.w1)?;
+            let (b, br, bc) = factor(src, &k.w2)?;
+            let (rows, cols) = (ar * br, ac * bc);
+            let s = k.scale as f32;
+            let mut out = vec![0f32; rows * cols];
+            for i in 0..ar {
+                for j in 0..ac {
+                    let x = a[i * ac + j] * s;
+                    for p in 0..br {
+                        let dst = &mut out
+                            [(i * br + p) * cols + j * bc..(i * br + p) * cols + (j + 1) * bc];
+                        for (d, y) in dst.iter_mut().zip(&b[p * bc..(p + 1) * bc]) {
+                            *d = x * y;
+                        }
+                    }
+                }
+            }
+            Ok(out)
+        }
+        other => Err(Error::Options(format!(
+            "payload {:?} has no dense form",
+            other.kind()
+        ))),
+    }
+}
+
+/// An orthogonal transform of input-space vectors, applied to one vector at a time.
+#[derive(Debug, Clone)]
+pub enum RowTransform {
+    /// Block-diagonal: each consecutive `b`-slice `x_k` becomes `R_k · x_k` (row-major blocks).
+    /// One block serves every slice when `shared`.
+    Blocks {
+        /// Block size.
+        b: usize,
+        /// `(blocks, b, b)`.
+        blocks: Vec<f32>,
+        /// A single block for every slice.
+        shared: bool,
+    },
+    /// Reflections in order: `x ← x − 2 (x·u) u` for each unit row `u` of `us` (`r × n`).
+    Reflections {
+        /// Vector length.
+        n: usize,
+        /// Unit vectors, row-major.
+        us: Vec<f32>,
+    },
+}
+
+impl RowTransform {
+    /// Transform `x` in place; `tmp` is scratch.
+    pub fn apply(&self, x: &mut [f32], tmp: &mut Vec<f32>) {
+        match self {
+            RowTransform::Blocks { b, blocks, shared } => {
+                tmp.resize(*b, 0.0);
+                for (k, xs) in x.chunks_exact_mut(*b).enumerate() {
+                    let blk = if *shared {
+                        &blocks[..b * b]
+                    } else {
+                        &blocks[k * b * b..(k + 1) * b * b]
+                    };
+                    for (j, t) in tmp.iter_mut().enumerate() {
+                        *t = blk[j * b..(j + 1) * b]
+                            .iter()
+                            .zip(xs.iter())
+                            .map(|(r, v)| r * v)
+                            .sum();
+                    }
+                    xs.copy_from_slice(&tmp[..*b]);
+                }
+            }
+            RowTransform::Reflections { n, us } => {
+                for u in us.chunks_exact(*n) {
+                    let d: f32 = x.iter().zip(u).map(|(a, b)| a * b).sum();
+                    for (a, b) in x.iter_mut().zip(u) {
+                        *a -= 2.0 * d * b;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `a · b` for square `n×n` f64 matrices.
+fn sq_mul(a: &[f64], b: &[f64], n: usize) -> Vec<f64> {
+    let mut c = vec![0f64; n * n];
+    for i in 0..n {
+        for k in 0..n {
+            let x = a[i * n + k];
+            for j in 0..n {
+                c[i * n + j] += x * b[k * n + j];
+            }
+        }
+    }
+    c
+}
+
+/// Solve `a · y = rhs` (square `n×n`, several right-hand sides as columns of `rhs`) by
+/// Gauss–Jordan elimination with partial pivoting. `None` when singular.
+fn solve(mut a: Vec<f64>, mut rhs: Vec<f64>, n: usize) -> Option<Vec<f64>> {
+    for c in 0..n {
+        let p = (c..n).max_by(|&i, &j| a[i * n + c].abs().total_cmp(&a[j * n + c].abs()))?;
+        if a[p * n + c].abs() < 1e-300 {
+            return None;
+        }
+        for j in 0..n {
+            a.swap(c * n + j, p * n + j);
+            rhs.swap(c * n + j, p * n + j);
+        }
+        let inv = 1.0 / a[c * n + c];
+        for j in 0..n {
+            a[c * n + j] *= inv;
+            rhs[c * n + j] *= inv;
+        }
+        for i in 0..n {
+            if i != c {
+                let f = a[i * n + c];
+                if f != 0.0 {
+                    for j in 0..n {
+                        a[i * n + j] -= f * a[c * n + j];
+                        rhs[i * n + j] -= f * rhs[c * n + j];
+                    }
+                }
+            }
+        }
+    }
+    Some(rhs)
+}
+
+/// One OFT rotation from a packed strict upper triangle, as PEFT's `_cayley_batch` builds it.
+pub fn cayley_block(packed: &[f32], b: usize, cayley: Cayley) -> Option<Vec<f64>> {
+    let mut q = vec![0f64; b * b];
+    let mut k = 0;
+    for i in 0..b {
+        for j in i + 1..b {
+            q[i * b + j] = packed[k] as f64;
+            q[j * b + i] = -(packed[k] as f64);
+            k += 1;
+        }
+    }
+    let eye = |n: usize| {
+        let mut m = vec![0f64; n * n];
+        (0..n).for_each(|i| m[i * n + i] = 1.0);
+        m
+    };
+    match cayley {
+        Cayley::Neumann(terms) => {
+            let mut r = eye(b);
+            let add = |r: &mut Vec<f64>, m: &[f64], s: f64| {
+                r.iter_mut().zip(m).for_each(|(x, y)| *x += s * y)
+            };
+            if terms > 1 {
+                add(&mut r, &q, 2.0);
+                if terms > 2 {
+                    let q2 = sq_mul(&q, &q, b);
+                    add(&mut r, &q2, 2.0);
+                    let mut p = q2;
+                    for _ in 3..terms.saturating_sub(1) {
+                        p = sq_mul(&p, &q, b);
+                        add(&mut r, &p, 2.0);
+                    }
+                    p = sq_mul(&p, &q, b);
+                    add(&mut r, &p, 1.0);
+                }
+            }
+            Some(r)
+        }
+        Cayley::Exact => {
+            // X = (I − Q)(I + Q)⁻¹; with Qᵀ = −Q, Xᵀ solves (I − Q) Xᵀ = (I + Q).
+            let i = eye(b);
+            let a: Vec<f64> = i.iter().zip(&q).map(|(x, y)| x - y).collect();
+            let rhs: Vec<f64> = i.iter().zip(&q).map(|(x, y)| x + y).collect();
+            let xt = solve(a, rhs, b)?;
+            let mut x = vec![0f64; b * b];
+            for r in 0..b {
+                for c in 0..b {
+                    x[r * b + c] = xt[c * b + r];
+                }
+            }
+            Some(x)
+        }
+    }
+}
+
+/// The input-space transform of an OFT or HRA payload for vectors of length `n`.
+pub fn row_transform(src: &dyn TensorSource, payload: &Payload, n: usize) -> Result<RowTransform> {
+    match payload {
+        Payload::Oft(o) => {
+            let d = dims(src, &o.tensor)?;
+            let (stored, packed_len) = (d[0], d[1]);
+            let mut v = src.read_f32(&o.tensor)?;
+            let b = o.block_size as usize;
+            if let Some(eps) = o.coft_eps {
+                // PEFT's _project_batch: clamp each generator's skew matrix to Frobenius norm
+                // eps/√(number of stored generators).
+                let limit = (eps / (stored as f64).sqrt()) as f32;
+                for g in v.chunks_exact_mut(packed_len) {
+                    let norm = (2.0 * g.iter().map(|x| x * x).sum::<f32>()).sqrt();
+                    if norm > limit {
+                        g.iter_mut().for_each(|x| *x *= limit / norm);
+                    }
+                }
+            }
+            // W' = W · Rᵀ: each input slice x_k becomes R_k · x_k.
+            let mut blocks = Vec::with_capacity(stored * b * b);
+            for g in v.chunks_exact(packed_len) {
+                let r = cayley_block(g, b, o.cayley).ok_or_else(|| {
+                    Error::Options(format!(
+                        "{}: an OFT block's Cayley transform is singular",
+                        o.tensor
+                    ))
+                })?;
+                blocks.extend(r.iter().map(|&x| x as f32));
+            }
+            Ok(RowTransform::Blocks {
+                b,
+                blocks,
+                shared: o.block_share,
+            })
+        }
+        Payload::Householder(h) => {
+            let d = dims(src, &h.tensor)?;
+            let (len, r) = (d[0], d[1]);
+            debug_assert_eq!(len, n);
+            let u = src.read_f32(&h.tensor)?;
+            // Columns of the (n, r) tensor, as f64 rows.
+            let mut cols: Vec<Vec<f64>> = (0..r)
+                .map(|c| (0..len).map(|i| u[i * r + c] as f64).collect())
+                .collect();
+            if h.gram_schmidt {
+                for i in 0..r {
+                    for j in 0..i {
+                        let d: f64 = cols[j].iter().zip(&cols[i]).map(|(a, b)| a * b).sum();
+                        let uj = cols[j].clone();
+                        cols[i].iter_mut().zip(&uj).for_each(|(x, y)| *x -= d * y);
+                    }
+                    let nrm = cols[i].iter().map(|x| x * x).sum::<f64>().sqrt();
+                    cols[i].iter_mut().for_each(|x| *x /= nrm);
+                }
+            } else {
+                for c in &mut cols {
+                    let nrm = c.iter().map(|x| x * x).sum::<f64>().sqrt();
+                    c.iter_mut().for_each(|x| *x /= nrm);
+                }
+            }
+            Ok(RowTransform::Reflections {
+                n: len,
+                us: cols.into_iter().flatten().map(|x| x as f32).collect(),
+            })
+        }
+        other => Err(Error::Options(format!(
+            "payload {:?} is not an input-space transform",
+            other.kind()
+        ))),
+    }
+}
