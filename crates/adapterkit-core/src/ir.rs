@@ -33,6 +33,10 @@ pub enum Family {
     Oft,
     /// HRA: a chain of Householder reflections of the input space.
     Hra,
+    /// VeRA: shared frozen random projections with trained per-module scaling vectors.
+    Vera,
+    /// FourierFT: a sparse learned spectrum, inverse-DFT'd into the update.
+    FourierFt,
 }
 
 impl Family {
@@ -48,6 +52,8 @@ impl Family {
             Family::TrainableTokens => "trainable_tokens",
             Family::Oft => "oft",
             Family::Hra => "hra",
+            Family::Vera => "vera",
+            Family::FourierFt => "fourierft",
         }
     }
 }
@@ -245,6 +251,32 @@ pub enum Payload {
     Oft(Oft),
     /// HRA reflections.
     Householder(Householder),
+    /// VeRA: `ΔW = (λ_b ⊙ B[:out]) · (λ_d ⊙ A[:, :in])` with shared `A (r, max_in)`,
+    /// `B (max_out, r)`.
+    Vera {
+        /// Shared `A`.
+        a: String,
+        /// Shared `B`.
+        b: String,
+        /// `λ_b (out,)`.
+        lambda_b: String,
+        /// `λ_d (r,)`.
+        lambda_d: String,
+        /// Whether the stored weight is `(in, out)`.
+        fan_in_fan_out: bool,
+    },
+    /// FourierFT: `ΔW = scaling · Re(ifft2(F))` where `F` holds `spectrum` at the first
+    /// `len(spectrum)` positions of `torch.randperm(out·in)` seeded with `seed`.
+    Fourier {
+        /// `(n_frequency,)` spectrum.
+        spectrum: String,
+        /// `random_loc_seed`.
+        seed: u64,
+        /// `scaling`.
+        scaling: f64,
+        /// Whether the stored weight is `(in, out)`.
+        fan_in_fan_out: bool,
+    },
     /// Replace rows `indices` of an embedding with the rows of `tensor`.
     ReplaceRows {
         /// `(len(indices), dim)` replacement rows.
@@ -273,6 +305,14 @@ impl Payload {
             | Payload::Scale { tensor, .. }
             | Payload::ReplaceRows { tensor, .. } => vec![tensor.as_str()],
             Payload::Oft(o) => vec![o.tensor.as_str()],
+            Payload::Vera {
+                a,
+                b,
+                lambda_b,
+                lambda_d,
+                ..
+            } => vec![a.as_str(), b.as_str(), lambda_b.as_str(), lambda_d.as_str()],
+            Payload::Fourier { spectrum, .. } => vec![spectrum.as_str()],
             Payload::Householder(h) => vec![h.tensor.as_str()],
             Payload::Hadamard(h) => {
                 let mut v = vec![
@@ -316,6 +356,8 @@ impl Payload {
             Payload::Kronecker(_) => "lokr",
             Payload::ReplaceRows { .. } => "rows",
             Payload::Oft(_) => "oft",
+            Payload::Vera { .. } => "vera",
+            Payload::Fourier { .. } => "fourierft",
             Payload::Householder(_) => "hra",
         }
     }
@@ -353,6 +395,9 @@ pub struct Adapter {
     pub tensors: Arc<dyn TensorSource>,
     /// The names of every tensor in the source, so a consumer can check each is used once.
     pub tensor_names: Vec<String>,
+    /// Tensors shared by several modules (VeRA's projections): used at least once instead of
+    /// exactly once.
+    pub shared_tensors: Vec<String>,
 }
 
 impl fmt::Debug for Adapter {

@@ -544,11 +544,13 @@ pub fn open(path: &Path) -> Result<PeftAdapter> {
         "LOKR" => Family::Lokr,
         "OFT" => Family::Oft,
         "HRA" => Family::Hra,
+        "VERA" => Family::Vera,
+        "FOURIERFT" => Family::FourierFt,
         _ => {
             let reason = if PROMPT_LEARNING_TYPES.contains(&peft_type.as_str()) {
                 "a prompt-learning method: it adds virtual tokens at run time and has no weights that can be merged".to_string()
             } else {
-                "this version of adapterkit reads LoRA, IA3, LoHa, LoKr, OFT and HRA PEFT adapters"
+                "this version of adapterkit reads LoRA, IA3, LoHa, LoKr, OFT, HRA, VeRA and FourierFT PEFT adapters"
                     .to_string()
             };
             return Err(Error::UnsupportedPeftType {
@@ -596,6 +598,7 @@ pub fn open(path: &Path) -> Result<PeftAdapter> {
             modules,
             tensors: Arc::new(file),
             tensor_names,
+            shared_tensors: crate::peft_families::shared_tensors(family),
         },
     })
 }

@@ -1,4 +1,4 @@
-//! PEFT families beyond LoRA: IA3, LoHa, LoKr, OFT, HRA. Key tables and formulas: `formats/peft.md`.
+//! PEFT families beyond LoRA: IA3, LoHa, LoKr, OFT, HRA, VeRA, FourierFT. Key tables and formulas: `formats/peft.md`.
 //!
 //! Every family goes through the same grouping: keys are split into module path and a known
 //! suffix; keys with no known suffix are full tensors that replace the base's (`modules_to_save`).
@@ -88,6 +88,8 @@ pub fn build(
         Family::Lokr => lokr(cfg, file, &mut problems),
         Family::Oft => oft(cfg, json, file, &mut problems),
         Family::Hra => hra(cfg, json, file, &mut problems),
+        Family::Vera => vera(path, cfg, json, file, &mut problems)?,
+        Family::FourierFt => fourier(cfg, json, file, &mut problems),
         other => {
             return Err(Error::UnsupportedPeftType {
                 path: path.to_path_buf(),
@@ -455,5 +457,111 @@ fn hra(
         });
     }
     out.extend(replacements(full, Family::Hra));
+    out
+}
+
+/// The tensors a family shares between modules (each must be used at least once).
+pub fn shared_tensors(family: Family) -> Vec<String> {
+    match family {
+        Family::Vera => vec!["base_model.vera_A".into(), "base_model.vera_B".into()],
+        _ => vec![],
+    }
+}
+
+fn vera(
+    path: &Path,
+    cfg: &LoraConfig,
+    json: &Value,
+    file: &SafetensorsFile,
+    problems: &mut Vec<String>,
+) -> Result<Vec<ModuleAdapter>> {
+    let (a, b) = ("base_model.vera_A", "base_model.vera_B");
+    if file.tensors().iter().all(|t| t.name != a && t.name != b) {
+        let seed = json
+            .get("projection_prng_key")
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "?".into());
+        return Err(Error::UnsupportedPeftType {
+            path: path.to_path_buf(),
+            peft_type: "VERA with save_projection=false".into(),
+            reason: format!(
+                "the shared projections vera_A/vera_B were not saved (they are regenerated from projection_prng_key={seed} by torch's initialisers, which adapterkit does not reproduce); save the adapter again with save_projection=True"
+            ),
+        });
+    }
+    let (groups, full) = group(file, &["vera_lambda_b", "vera_lambda_d"], problems);
+    let mut out = Vec::new();
+    for (module, parts) in groups {
+        let (Some(lb), Some(ld)) = (parts.get("vera_lambda_b"), parts.get("vera_lambda_d")) else {
+            problems.push(format!(
+                "module {module:?}: VeRA needs both vera_lambda_b and vera_lambda_d"
+            ));
+            continue;
+        };
+        if !selected(cfg, &module, problems) {
+            continue;
+        }
+        out.push(ModuleAdapter {
+            target: format!("{module}.weight"),
+            module,
+            family: Family::Vera,
+            payload: Payload::Vera {
+                a: a.into(),
+                b: b.into(),
+                lambda_b: lb.name.clone(),
+                lambda_d: ld.name.clone(),
+                fan_in_fan_out: cfg.fan_in_fan_out,
+            },
+        });
+    }
+    // The projections are not module tensors; everything else unmatched replaces base tensors.
+    out.extend(replacements(
+        full.into_iter()
+            .filter(|(t, _)| t.name != a && t.name != b)
+            .collect(),
+        Family::Vera,
+    ));
+    Ok(out)
+}
+
+fn fourier(
+    cfg: &LoraConfig,
+    json: &Value,
+    file: &SafetensorsFile,
+    problems: &mut Vec<String>,
+) -> Vec<ModuleAdapter> {
+    let (groups, full) = group(file, &["fourierft_spectrum"], problems);
+    let seed = json
+        .get("random_loc_seed")
+        .and_then(Value::as_u64)
+        .unwrap_or(777);
+    let scaling = json.get("scaling").and_then(Value::as_f64).unwrap_or(150.0);
+    let mut out = Vec::new();
+    for (module, parts) in groups {
+        let t = parts["fourierft_spectrum"];
+        if t.shape.len() != 1 {
+            problems.push(format!(
+                "tensor {:?}: a FourierFT spectrum is 1-D, found {}",
+                t.name,
+                shape_str(t)
+            ));
+            continue;
+        }
+        if !selected(cfg, &module, problems) {
+            continue;
+        }
+        out.push(ModuleAdapter {
+            target: format!("{module}.weight"),
+            module,
+            family: Family::FourierFt,
+            payload: Payload::Fourier {
+                spectrum: t.name.clone(),
+                seed,
+                scaling,
+                fan_in_fan_out: cfg.fan_in_fan_out,
+            },
+        });
+    }
+    out.extend(replacements(full, Family::FourierFt));
     out
 }

@@ -111,7 +111,12 @@ pub(crate) fn prepare(plan: &Plan, t: &PlannedTensor) -> Result<Vec<Prepared>> {
                 weight,
             } => {
                 let src = plan.adapters[*adapter].adapter.tensors.as_ref();
-                let delta = families::dense_delta(src, payload)?;
+                let (out_dim, in_dim) = if *fan_in_fan_out {
+                    (cols, rows)
+                } else {
+                    (rows, cols)
+                };
+                let delta = families::dense_delta(src, payload, out_dim, in_dim)?;
                 let delta = if *fan_in_fan_out {
                     transpose(&delta, cols, rows)
                 } else {

@@ -86,9 +86,76 @@ fn factor(src: &dyn TensorSource, f: &KronFactor) -> Result<(Vec<f32>, usize, us
     }
 }
 
-/// `ΔW` for a dense payload, `(out, in·k…)` row-major, scaled.
-pub fn dense_delta(src: &dyn TensorSource, payload: &Payload) -> Result<Vec<f32>> {
+/// `ΔW` for a dense payload, `(out, in·k…)` row-major, scaled; `out_dim × in_dim` is the base
+/// weight's shape in PEFT's orientation.
+pub fn dense_delta(
+    src: &dyn TensorSource,
+    payload: &Payload,
+    out_dim: usize,
+    in_dim: usize,
+) -> Result<Vec<f32>> {
     match payload {
+        Payload::Vera {
+            a,
+            b,
+            lambda_b,
+            lambda_d,
+            ..
+        } => {
+            let (ad, bd) = (dims(src, a)?, dims(src, b)?);
+            let (r, max_in) = (ad[0], ad[1]);
+            let (av, bv) = (src.read_f32(a)?, src.read_f32(b)?);
+            let (lb, ld) = (src.read_f32(lambda_b)?, src.read_f32(lambda_d)?);
+            // L = λ_b ⊙ B[:out] (out × r), R = λ_d ⊙ A[:, :in] (r × in).
+            let l: Vec<f32> = (0..out_dim)
+                .flat_map(|i| (0..r).map(move |k| (i, k)))
+                .map(|(i, k)| lb[i] * bv[i * bd[1] + k])
+                .collect();
+            let rm: Vec<f32> = (0..r)
+                .flat_map(|k| (0..in_dim).map(move |j| (k, j)))
+                .map(|(k, j)| ld[k] * av[k * max_in + j])
+                .collect();
+            Ok(matmul(&l, &rm, out_dim, r, in_dim))
+        }
+        Payload::Fourier {
+            spectrum,
+            seed,
+            scaling,
+            ..
+        } => {
+            let s = src.read_f32(spectrum)?;
+            let n = s.len();
+            let total = (out_dim * in_dim) as u64;
+            let perm = crate::torch_rng::randperm(total, *seed).ok_or_else(|| {
+                Error::Options(format!(
+                    "{spectrum}: FourierFT locations for {total} elements are not reproducible"
+                ))
+            })?;
+            // Re(ifft2(F))[p,q] = 1/(MN) Σ_k s_k cos(2π(p·u_k/M + q·v_k/N)), split into
+            // cos·cos − sin·sin: a rank-2n product of per-row and per-column tables.
+            let c = *scaling / (out_dim * in_dim) as f64;
+            let tau = std::f64::consts::TAU;
+            let mut l = vec![0f32; out_dim * 2 * n];
+            let mut rm = vec![0f32; 2 * n * in_dim];
+            for (k, &idx) in perm[..n].iter().enumerate() {
+                let (u, v) = (
+                    (idx / in_dim as u64) as usize,
+                    (idx % in_dim as u64) as usize,
+                );
+                let sk = s[k] as f64 * c;
+                for p in 0..out_dim {
+                    let a = tau * ((p * u) % out_dim) as f64 / out_dim as f64;
+                    l[p * 2 * n + k] = (a.cos() * sk) as f32;
+                    l[p * 2 * n + n + k] = (-a.sin() * sk) as f32;
+                }
+                for q in 0..in_dim {
+                    let b = tau * ((q * v) % in_dim) as f64 / in_dim as f64;
+                    rm[k * in_dim + q] = b.cos() as f32;
+                    rm[(n + k) * in_dim + q] = b.sin() as f32;
+                }
+            }
+            Ok(matmul(&l, &rm, out_dim, 2 * n, in_dim))
+        }
         Payload::Hadamard(h) => {
             let ((p1, ..), (p2, ..)) = match &h.cp {
                 None => (product(src, &h.w1a, &h.w1b)?, product(src, &h.w2a, &h.w2b)?),

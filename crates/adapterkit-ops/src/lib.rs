@@ -10,6 +10,7 @@ pub mod execute;
 pub mod families;
 pub mod kernels;
 pub mod plan;
+pub mod torch_rng;
 
 pub use error::{Error, Problem, Result};
 pub use execute::{execute, ExecOptions, MergeReport, Output, Sharding};

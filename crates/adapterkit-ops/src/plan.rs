@@ -246,6 +246,7 @@ pub fn plan<'a>(
         for n in &ad.tensor_names {
             match uses[n.as_str()] {
                 1 => {}
+                k if k > 1 && ad.shared_tensors.contains(n) => {}
                 0 => problems.push(problem(
                     file,
                     n,
@@ -561,6 +562,71 @@ pub fn plan<'a>(
                         adapter: ai,
                         payload: m.payload.clone(),
                         transposed: h.fan_in_fan_out,
+                        weight,
+                    }
+                }
+                Payload::Vera {
+                    a,
+                    b,
+                    lambda_b,
+                    lambda_d,
+                    fan_in_fan_out,
+                } => {
+                    let (Some(ta), Some(tb), Some(lb), Some(ld)) =
+                        (ainfo(a), ainfo(b), ainfo(lambda_b), ainfo(lambda_d))
+                    else {
+                        continue;
+                    };
+                    let (rows, cols) = info.rows_cols();
+                    let (out_dim, in_dim) = if *fan_in_fan_out {
+                        (cols, rows)
+                    } else {
+                        (rows, cols)
+                    };
+                    let ok = ta.shape.len() == 2
+                        && tb.shape.len() == 2
+                        && ta.shape[0] == tb.shape[1]
+                        && tb.shape[0] >= out_dim
+                        && ta.shape[1] >= in_dim
+                        && lb.numel() == out_dim
+                        && ld.numel() == ta.shape[0]
+                        && info.shape.len() == 2;
+                    if !ok {
+                        problems.push(problem(
+                            file,
+                            &m.target,
+                            format!(
+                                "shape mismatch: VeRA A {:?}, B {:?}, lambda_b {:?}, lambda_d {:?} cannot update a base tensor {:?} ({out_dim} outputs, {in_dim} inputs)",
+                                ta.shape, tb.shape, lb.shape, ld.shape, info.shape
+                            ),
+                        ));
+                        continue;
+                    }
+                    OpSpec::Dense {
+                        adapter: ai,
+                        payload: m.payload.clone(),
+                        fan_in_fan_out: *fan_in_fan_out,
+                        weight,
+                    }
+                }
+                Payload::Fourier {
+                    spectrum,
+                    fan_in_fan_out,
+                    ..
+                } => {
+                    let Some(t) = ainfo(spectrum) else { continue };
+                    if info.shape.len() != 2 || t.numel() > info.numel() {
+                        problems.push(problem(file, &m.target, format!("shape mismatch: {} has {} frequencies, more than the {:?} base tensor holds", spectrum, t.numel(), info.shape)));
+                        continue;
+                    }
+                    if !crate::torch_rng::randperm_supported(info.numel()) {
+                        problems.push(problem(file, &m.target, format!("FourierFT locations for a tensor of {} elements come from a torch code path adapterkit does not reproduce", info.numel())));
+                        continue;
+                    }
+                    OpSpec::Dense {
+                        adapter: ai,
+                        payload: m.payload.clone(),
+                        fan_in_fan_out: *fan_in_fan_out,
                         weight,
                     }
                 }

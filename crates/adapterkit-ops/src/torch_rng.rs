@@ -1,0 +1,113 @@
+//! PyTorch's CPU random stream, where an adapter's weights are regenerated from a seed at load
+//! time instead of being saved (FourierFT's frequency locations).
+//!
+//! `torch.Generator().manual_seed(s)` seeds a standard 32-bit Mersenne Twister (MT19937, the
+//! reference initialisation with the seed truncated to 32 bits), and `torch.randperm(n, generator=g)`
+//! on the CPU is a Fisher–Yates shuffle of `0..n` drawing `random() % (n − i)` for `i` in
+//! `0..n−1` (for `n` below `u32::MAX / 20`; larger `n` are refused). The tests pin the outputs
+//! against values torch 2.15 printed.
+
+/// MT19937, 32-bit output.
+pub struct Mt19937 {
+    state: [u32; 624],
+    index: usize,
+}
+
+impl Mt19937 {
+    /// Seed as `std::mt19937(seed)` and torch's `mt19937(seed)` do.
+    pub fn new(seed: u64) -> Self {
+        let mut state = [0u32; 624];
+        state[0] = seed as u32;
+        for i in 1..624 {
+            state[i] = 1_812_433_253u32
+                .wrapping_mul(state[i - 1] ^ (state[i - 1] >> 30))
+                .wrapping_add(i as u32);
+        }
+        Mt19937 { state, index: 624 }
+    }
+
+    fn twist(&mut self) {
+        for i in 0..624 {
+            let y = (self.state[i] & 0x8000_0000) | (self.state[(i + 1) % 624] & 0x7fff_ffff);
+            let mut v = self.state[(i + 397) % 624] ^ (y >> 1);
+            if y & 1 != 0 {
+                v ^= 0x9908_b0df;
+            }
+            self.state[i] = v;
+        }
+        self.index = 0;
+    }
+
+    /// The next 32-bit output.
+    pub fn next_u32(&mut self) -> u32 {
+        if self.index >= 624 {
+            self.twist();
+        }
+        let mut y = self.state[self.index];
+        self.index += 1;
+        y ^= y >> 11;
+        y ^= (y << 7) & 0x9d2c_5680;
+        y ^= (y << 15) & 0xefc6_0000;
+        y ^= y >> 18;
+        y
+    }
+}
+
+/// Whether [`randperm`] reproduces torch for this `n`.
+pub fn randperm_supported(n: u64) -> bool {
+    n < u64::from(u32::MAX / 20)
+}
+
+/// `torch.randperm(n, generator=torch.Generator().manual_seed(seed))` on the CPU, or `None` for
+/// an `n` whose torch code path this does not reproduce.
+pub fn randperm(n: u64, seed: u64) -> Option<Vec<u64>> {
+    if !randperm_supported(n) {
+        return None;
+    }
+    let mut g = Mt19937::new(seed);
+    let mut r: Vec<u64> = (0..n).collect();
+    for i in 0..n.saturating_sub(1) {
+        let z = u64::from(g.next_u32()) % (n - i);
+        r.swap(i as usize, (z + i) as usize);
+    }
+    Some(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_std_mt19937() {
+        // The 10000th output of std::mt19937 with the default seed 5489 (C++ standard).
+        let mut g = Mt19937::new(5489);
+        let mut v = 0;
+        for _ in 0..10000 {
+            v = g.next_u32();
+        }
+        assert_eq!(v, 4_123_659_995);
+    }
+
+    #[test]
+    fn matches_torch_randperm() {
+        // torch 2.15: torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:8], sum.
+        let cases: [(u64, u64, [u64; 8]); 5] = [
+            (10, 0, [4, 1, 7, 5, 3, 9, 0, 8]),
+            (1024, 777, [103, 249, 319, 701, 999, 360, 217, 998]),
+            (2048, 2024, [1672, 924, 966, 153, 907, 442, 350, 839]),
+            (1000, 42, [542, 618, 816, 68, 94, 215, 60, 585]),
+            (
+                1 << 20,
+                5,
+                [
+                    297827, 18865, 551885, 134823, 760098, 915856, 683458, 873981,
+                ],
+            ),
+        ];
+        for (n, seed, first) in cases {
+            let p = randperm(n, seed).unwrap();
+            assert_eq!(&p[..8], &first, "n={n} seed={seed}");
+            assert_eq!(p.iter().sum::<u64>(), n * (n - 1) / 2);
+        }
+    }
+}
