@@ -150,6 +150,7 @@ fn describe_adapter(path: &Path) -> Result<Value> {
                 "target_modules": pa.config_json.get("target_modules"),
                 "modules_to_save": pa.config_json.get("modules_to_save"),
                 "module_count": ad.modules.len(),
+                "notes": ad.notes,
                 "groups": group_json,
                 "modules": modules,
                 "tensor_count": file.tensors().len(),
@@ -234,6 +235,11 @@ fn print_text(v: &Value) {
             println!("  note:        {}", r.as_str().unwrap_or_default());
         }
         println!("  base model:  {}", s("base_model"));
+        if let Some(Value::Array(notes)) = v.get("notes") {
+            for n in notes {
+                println!("  note:        {}", n.as_str().unwrap_or_default());
+            }
+        }
         if v.get("module_count").is_some() {
             println!("  modules:     {}", num("module_count"));
             if let Some(Value::Object(groups)) = v.get("groups") {

@@ -161,10 +161,15 @@ fn run_merge(a: MergeArgs) -> Result<()> {
     let mut errors = Vec::new();
     for (p, w) in a.adapters.iter().zip(weights) {
         match peft::open(p) {
-            Ok(pa) => adapters.push(WeightedAdapter {
-                adapter: pa.adapter,
-                weight: w,
-            }),
+            Ok(pa) => {
+                for n in &pa.adapter.notes {
+                    eprintln!("note: {}: {n}", p.display());
+                }
+                adapters.push(WeightedAdapter {
+                    adapter: pa.adapter,
+                    weight: w,
+                })
+            }
             Err(e) => errors.push(format!("{}: {e}", p.display())),
         }
     }

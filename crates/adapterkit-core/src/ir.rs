@@ -37,6 +37,8 @@ pub enum Family {
     Vera,
     /// FourierFT: a sparse learned spectrum, inverse-DFT'd into the update.
     FourierFt,
+    /// BOFT: butterfly-factorised orthogonal rotation plus an output scaling.
+    Boft,
 }
 
 impl Family {
@@ -54,6 +56,7 @@ impl Family {
             Family::Hra => "hra",
             Family::Vera => "vera",
             Family::FourierFt => "fourierft",
+            Family::Boft => "boft",
         }
     }
 }
@@ -277,6 +280,16 @@ pub enum Payload {
         /// Whether the stored weight is `(in, out)`.
         fan_in_fan_out: bool,
     },
+    /// BOFT: `W' = (W · Mᵀ) ⊙ s` with `M = B_{m−1}⋯B_0`, `B_i = P_i · blockdiag(Cayley(R_i)) · P_iᵀ`
+    /// and PEFT's block-butterfly permutations `P_i`.
+    Butterfly {
+        /// `(m, blocks, b, b)` generators.
+        r: String,
+        /// Output scaling `(out, 1)` or `(1, out)`.
+        s: String,
+        /// Whether the stored weight is `(in, out)`.
+        fan_in_fan_out: bool,
+    },
     /// Replace rows `indices` of an embedding with the rows of `tensor`.
     ReplaceRows {
         /// `(len(indices), dim)` replacement rows.
@@ -313,6 +326,7 @@ impl Payload {
                 ..
             } => vec![a.as_str(), b.as_str(), lambda_b.as_str(), lambda_d.as_str()],
             Payload::Fourier { spectrum, .. } => vec![spectrum.as_str()],
+            Payload::Butterfly { r, s, .. } => vec![r.as_str(), s.as_str()],
             Payload::Householder(h) => vec![h.tensor.as_str()],
             Payload::Hadamard(h) => {
                 let mut v = vec![
@@ -358,6 +372,7 @@ impl Payload {
             Payload::Oft(_) => "oft",
             Payload::Vera { .. } => "vera",
             Payload::Fourier { .. } => "fourierft",
+            Payload::Butterfly { .. } => "boft",
             Payload::Householder(_) => "hra",
         }
     }
@@ -398,6 +413,9 @@ pub struct Adapter {
     /// Tensors shared by several modules (VeRA's projections): used at least once instead of
     /// exactly once.
     pub shared_tensors: Vec<String>,
+    /// Things the reader decided that a user should know (e.g. where the config and the tensors
+    /// disagree and the tensors were followed).
+    pub notes: Vec<String>,
 }
 
 impl fmt::Debug for Adapter {

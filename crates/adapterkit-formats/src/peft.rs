@@ -546,11 +546,12 @@ pub fn open(path: &Path) -> Result<PeftAdapter> {
         "HRA" => Family::Hra,
         "VERA" => Family::Vera,
         "FOURIERFT" => Family::FourierFt,
+        "BOFT" => Family::Boft,
         _ => {
             let reason = if PROMPT_LEARNING_TYPES.contains(&peft_type.as_str()) {
                 "a prompt-learning method: it adds virtual tokens at run time and has no weights that can be merged".to_string()
             } else {
-                "this version of adapterkit reads LoRA, IA3, LoHa, LoKr, OFT, HRA, VeRA and FourierFT PEFT adapters"
+                "this version of adapterkit reads LoRA, IA3, LoHa, LoKr, OFT, BOFT, HRA, VeRA and FourierFT PEFT adapters"
                     .to_string()
             };
             return Err(Error::UnsupportedPeftType {
@@ -581,9 +582,10 @@ pub fn open(path: &Path) -> Result<PeftAdapter> {
         });
     }
     let file = SafetensorsFile::open_mapped(&st_path)?;
+    let mut notes = Vec::new();
     let modules = match family {
         Family::Lora => build_modules(&st_path, &cfg, &file)?,
-        _ => crate::peft_families::build(family, &st_path, &cfg, &json, &file)?,
+        _ => crate::peft_families::build(family, &st_path, &cfg, &json, &file, &mut notes)?,
     };
     let tensor_names = file.tensors().iter().map(|t| t.name.clone()).collect();
     Ok(PeftAdapter {
@@ -599,6 +601,7 @@ pub fn open(path: &Path) -> Result<PeftAdapter> {
             tensors: Arc::new(file),
             tensor_names,
             shared_tensors: crate::peft_families::shared_tensors(family),
+            notes,
         },
     })
 }

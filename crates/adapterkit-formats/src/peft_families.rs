@@ -1,4 +1,4 @@
-//! PEFT families beyond LoRA: IA3, LoHa, LoKr, OFT, HRA, VeRA, FourierFT. Key tables and formulas: `formats/peft.md`.
+//! PEFT families beyond LoRA: IA3, LoHa, LoKr, OFT, BOFT, HRA, VeRA, FourierFT. Key tables and formulas: `formats/peft.md`.
 //!
 //! Every family goes through the same grouping: keys are split into module path and a known
 //! suffix; keys with no known suffix are full tensors that replace the base's (`modules_to_save`).
@@ -80,6 +80,7 @@ pub fn build(
     cfg: &LoraConfig,
     json: &Value,
     file: &SafetensorsFile,
+    notes: &mut Vec<String>,
 ) -> Result<Vec<ModuleAdapter>> {
     let mut problems = Vec::new();
     let mut out = match family {
@@ -90,6 +91,7 @@ pub fn build(
         Family::Hra => hra(cfg, json, file, &mut problems),
         Family::Vera => vera(path, cfg, json, file, &mut problems)?,
         Family::FourierFt => fourier(cfg, json, file, &mut problems),
+        Family::Boft => boft(cfg, json, file, &mut problems, notes),
         other => {
             return Err(Error::UnsupportedPeftType {
                 path: path.to_path_buf(),
@@ -563,5 +565,63 @@ fn fourier(
         });
     }
     out.extend(replacements(full, Family::FourierFt));
+    out
+}
+
+fn boft(
+    cfg: &LoraConfig,
+    json: &Value,
+    file: &SafetensorsFile,
+    problems: &mut Vec<String>,
+    notes: &mut Vec<String>,
+) -> Vec<ModuleAdapter> {
+    let (groups, full) = group(file, &["boft_R", "boft_s"], problems);
+    let configured = json.get("boft_n_butterfly_factor").and_then(Value::as_u64);
+    let (mut disagree, mut seen_factors) = (0, 0);
+    let mut out = Vec::new();
+    for (module, parts) in groups {
+        let (Some(r), Some(s)) = (parts.get("boft_R"), parts.get("boft_s")) else {
+            problems.push(format!(
+                "module {module:?}: BOFT needs both boft_R and boft_s"
+            ));
+            continue;
+        };
+        if r.shape.len() != 4 || r.shape[2] != r.shape[3] {
+            problems.push(format!(
+                "tensor {:?}: boft_R must be (factors, blocks, b, b), found {}",
+                r.name,
+                shape_str(r)
+            ));
+            continue;
+        }
+        // The tensors decide the number of butterfly factors: PEFT lowers the configured value
+        // to 1 when its CUDA extension is missing but still saves the configured number.
+        if let Some(c) = configured {
+            if c.max(1) != r.shape[0] {
+                disagree += 1;
+                seen_factors = r.shape[0];
+            }
+        }
+        if !selected(cfg, &module, problems) {
+            continue;
+        }
+        out.push(ModuleAdapter {
+            target: format!("{module}.weight"),
+            module,
+            family: Family::Boft,
+            payload: Payload::Butterfly {
+                r: r.name.clone(),
+                s: s.name.clone(),
+                fan_in_fan_out: cfg.fan_in_fan_out,
+            },
+        });
+    }
+    if disagree > 0 {
+        notes.push(format!(
+            "boft_n_butterfly_factor is {} in the config but boft_R holds {seen_factors} factor(s) in {disagree} module(s) (PEFT without its CUDA extension trains with one factor but saves the configured value); following the tensors",
+            configured.unwrap_or(0)
+        ));
+    }
+    out.extend(replacements(full, Family::Boft));
     out
 }

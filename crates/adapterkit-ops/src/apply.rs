@@ -230,6 +230,9 @@ pub(crate) fn apply_ops(
                             *x = w[i * cols + j];
                         }
                         t.apply(&mut v, tmp);
+                        if let Some(s) = t.output_scale() {
+                            v.iter_mut().for_each(|x| *x *= s[j]);
+                        }
                         for (i, x) in v.iter().enumerate() {
                             let old = w[i * cols + j];
                             w[i * cols + j] = if *weight == 1.0 {
@@ -240,10 +243,14 @@ pub(crate) fn apply_ops(
                         }
                     }
                 } else {
-                    for row in w.chunks_exact_mut(cols) {
+                    for (i, row) in w.chunks_exact_mut(cols).enumerate() {
                         v.clear();
                         v.extend_from_slice(row);
                         t.apply(&mut v, tmp);
+                        if let Some(s) = t.output_scale() {
+                            let k = s[row0 + i];
+                            v.iter_mut().for_each(|x| *x *= k);
+                        }
                         for (x, y) in row.iter_mut().zip(&v) {
                             *x = if *weight == 1.0 {
                                 *y

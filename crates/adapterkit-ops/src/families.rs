@@ -208,6 +208,16 @@ pub enum RowTransform {
         /// A single block for every slice.
         shared: bool,
     },
+    /// BOFT: for each factor in order, `x ← P · blockdiag(R) · Pᵀ · x`, then `x_i ← x_i · s` is
+    /// applied by the caller per output (see [`RowTransform::output_scale`]).
+    Butterfly {
+        /// Block size.
+        b: usize,
+        /// Per factor: the permutation (`(P·x)[i] = x[perm[i]]`) and `(blocks, b, b)` rotations.
+        factors: Vec<(Vec<usize>, Vec<f32>)>,
+        /// Output scaling, one per output unit.
+        scale: Vec<f32>,
+    },
     /// Reflections in order: `x ← x − 2 (x·u) u` for each unit row `u` of `us` (`r × n`).
     Reflections {
         /// Vector length.
@@ -218,6 +228,14 @@ pub enum RowTransform {
 }
 
 impl RowTransform {
+    /// A per-output scaling applied after the transform (BOFT's `boft_s`).
+    pub fn output_scale(&self) -> Option<&[f32]> {
+        match self {
+            RowTransform::Butterfly { scale, .. } => Some(scale),
+            _ => None,
+        }
+    }
+
     /// Transform `x` in place; `tmp` is scratch.
     pub fn apply(&self, x: &mut [f32], tmp: &mut Vec<f32>) {
         match self {
@@ -237,6 +255,31 @@ impl RowTransform {
                             .sum();
                     }
                     xs.copy_from_slice(&tmp[..*b]);
+                }
+            }
+            RowTransform::Butterfly { b, factors, .. } => {
+                tmp.resize(x.len(), 0.0);
+                for (perm, blocks) in factors {
+                    // y = Pᵀ x: y[perm[i]] = x[i].
+                    for (i, &p) in perm.iter().enumerate() {
+                        tmp[p] = x[i];
+                    }
+                    // z = blockdiag(R) y, written back into y's slices via x as scratch.
+                    for (k, ys) in tmp.chunks_exact(*b).enumerate() {
+                        let blk = &blocks[k * b * b..(k + 1) * b * b];
+                        for j in 0..*b {
+                            x[k * b + j] = blk[j * b..(j + 1) * b]
+                                .iter()
+                                .zip(ys)
+                                .map(|(r, v)| r * v)
+                                .sum();
+                        }
+                    }
+                    // x = P z: x[i] = z[perm[i]].
+                    tmp.copy_from_slice(x);
+                    for (i, &p) in perm.iter().enumerate() {
+                        x[i] = tmp[p];
+                    }
                 }
             }
             RowTransform::Reflections { n, us } => {
@@ -388,6 +431,34 @@ pub fn row_transform(src: &dyn TensorSource, payload: &Payload, n: usize) -> Res
                 shared: o.block_share,
             })
         }
+        Payload::Butterfly { r, s, .. } => {
+            let d = dims(src, r)?;
+            let (m, nb, b) = (d[0], d[1], d[2]);
+            let rv = src.read_f32(r)?;
+            let mut factors = Vec::with_capacity(m);
+            for i in 0..m {
+                let perm = butterfly_perm(n, nb >> i, b / 2, m - 1);
+                let mut blocks = Vec::with_capacity(nb * b * b);
+                for k in 0..nb {
+                    let g = &rv[(i * nb + k) * b * b..(i * nb + k + 1) * b * b];
+                    // PEFT's cayley_batch: S = (G − Gᵀ)/2, Q = (I − S)(I + S)⁻¹.
+                    let packed: Vec<f32> = (0..b)
+                        .flat_map(|p| (p + 1..b).map(move |q| (p, q)))
+                        .map(|(p, q)| 0.5 * (g[p * b + q] - g[q * b + p]))
+                        .collect();
+                    let q = cayley_block(&packed, b, Cayley::Exact).ok_or_else(|| {
+                        Error::Options(format!("{r}: a BOFT block's Cayley transform is singular"))
+                    })?;
+                    blocks.extend(q.iter().map(|&x| x as f32));
+                }
+                factors.push((perm, blocks));
+            }
+            Ok(RowTransform::Butterfly {
+                b,
+                factors,
+                scale: src.read_f32(s)?,
+            })
+        }
         Payload::Householder(h) => {
             let d = dims(src, &h.tensor)?;
             let (len, r) = (d[0], d[1]);
@@ -422,5 +493,69 @@ pub fn row_transform(src: &dyn TensorSource, payload: &Payload, n: usize) -> Res
             "payload {:?} is not an input-space transform",
             other.kind()
         ))),
+    }
+}
+
+/// PEFT's `block_butterfly_perm(n, blocks, r, n_butterfly_factor)`: within each run of
+/// `n / blocks` indices, groups of `r` are reordered even groups first, then odd ones. The
+/// identity when there is a single butterfly factor.
+pub fn butterfly_perm(n: usize, blocks: usize, r: usize, n_butterfly_factor: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    if n_butterfly_factor == 0 || blocks == 0 || r == 0 {
+        return idx;
+    }
+    let size = n / blocks;
+    let groups = size.div_ceil(r);
+    let order: Vec<usize> = (0..groups)
+        .step_by(2)
+        .chain((1..groups).step_by(2))
+        .collect();
+    let mut sorted = Vec::with_capacity(size);
+    for g in order {
+        sorted.extend(g * r..(g * r + r).min(size));
+    }
+    for start in (0..n).step_by(size) {
+        let chunk: Vec<usize> = idx[start..start + size].to_vec();
+        for (i, &s) in sorted.iter().enumerate() {
+            idx[start + i] = chunk[s];
+        }
+    }
+    idx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn butterfly_permutations_match_peft() {
+        // peft 0.21.2 BOFTLayer.block_butterfly_perm(n, b, r, n_butterfly_factor).
+        assert_eq!(butterfly_perm(16, 4, 2, 1), (0..16).collect::<Vec<_>>());
+        assert_eq!(butterfly_perm(32, 8, 2, 2), (0..32).collect::<Vec<_>>());
+        assert_eq!(
+            butterfly_perm(32, 4, 2, 2),
+            vec![
+                0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15, 16, 17, 20, 21, 18, 19, 22,
+                23, 24, 25, 28, 29, 26, 27, 30, 31
+            ]
+        );
+        assert_eq!(butterfly_perm(8, 2, 2, 0), (0..8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn cayley_paths_are_orthogonal_and_transposed() {
+        let packed = [0.03f32, -0.02, 0.05, 0.01, -0.04, 0.02];
+        let b = 4;
+        let exact = cayley_block(&packed, b, Cayley::Exact).unwrap();
+        let series = cayley_block(&packed, b, Cayley::Neumann(30)).unwrap();
+        for i in 0..b {
+            for j in 0..b {
+                // RᵀR = I.
+                let d: f64 = (0..b).map(|k| exact[k * b + i] * exact[k * b + j]).sum();
+                assert!((d - if i == j { 1.0 } else { 0.0 }).abs() < 1e-12);
+                // The series converges to the transpose of the exact path.
+                assert!((series[i * b + j] - exact[j * b + i]).abs() < 1e-9);
+            }
+        }
     }
 }

@@ -546,6 +546,38 @@ pub fn plan<'a>(
                         weight,
                     }
                 }
+                Payload::Butterfly {
+                    r,
+                    s: sc,
+                    fan_in_fan_out,
+                } => {
+                    let (Some(tr), Some(ts)) = (ainfo(r), ainfo(sc)) else {
+                        continue;
+                    };
+                    let (rows, cols) = info.rows_cols();
+                    let (out_dim, in_dim) = if *fan_in_fan_out {
+                        (cols, rows)
+                    } else {
+                        (rows, cols)
+                    };
+                    if tr.shape[1] * tr.shape[2] != in_dim
+                        || ts.numel() != out_dim
+                        || info.shape.len() < 2
+                    {
+                        problems.push(problem(
+                            file,
+                            &m.target,
+                            format!("shape mismatch: boft_R {:?} rotates {} inputs and boft_s {:?} scales {} outputs, but the base tensor is {:?}", tr.shape, tr.shape[1] * tr.shape[2], ts.shape, ts.numel(), info.shape),
+                        ));
+                        continue;
+                    }
+                    OpSpec::Transform {
+                        adapter: ai,
+                        payload: m.payload.clone(),
+                        transposed: *fan_in_fan_out,
+                        weight,
+                    }
+                }
                 Payload::Householder(h) => {
                     let Some(t) = ainfo(&h.tensor) else { continue };
                     let (rows, cols) = info.rows_cols();
