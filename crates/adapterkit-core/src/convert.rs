@@ -63,6 +63,43 @@ pub fn decode_to_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<()> 
                 *o = decode_f8(dtype, b);
             }
         }
+        DType::U8 => out.iter_mut().zip(bytes).for_each(|(o, &b)| *o = b as f32),
+        DType::I8 => out
+            .iter_mut()
+            .zip(bytes)
+            .for_each(|(o, &b)| *o = b as i8 as f32),
+        DType::I16 | DType::U16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                let v = u16::from_le_bytes([c[0], c[1]]);
+                *o = if dtype == DType::I16 {
+                    v as i16 as f32
+                } else {
+                    v as f32
+                };
+            }
+        }
+        DType::I32 | DType::U32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                let v = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                *o = if dtype == DType::I32 {
+                    v as i32 as f32
+                } else {
+                    v as f32
+                };
+            }
+        }
+        DType::I64 | DType::U64 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                let v = u64::from_le_bytes(a);
+                *o = if dtype == DType::I64 {
+                    v as i64 as f32
+                } else {
+                    v as f32
+                };
+            }
+        }
         _ => {
             return Err(Error::UnsupportedConversion {
                 dtype,

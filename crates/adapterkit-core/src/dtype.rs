@@ -145,6 +145,21 @@ impl DType {
         )
     }
 
+    /// Whether the type is an integer type (decoded exactly to f32 up to 2²⁴).
+    pub fn is_integer(self) -> bool {
+        matches!(
+            self,
+            DType::U8
+                | DType::I8
+                | DType::I16
+                | DType::U16
+                | DType::I32
+                | DType::U32
+                | DType::I64
+                | DType::U64
+        )
+    }
+
     /// Whether adapterkit can round f32 results to this type (the merge output types).
     pub fn is_writable_float(self) -> bool {
         matches!(self, DType::F16 | DType::BF16 | DType::F32 | DType::F64)

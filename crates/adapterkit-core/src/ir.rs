@@ -39,6 +39,10 @@ pub enum Family {
     FourierFt,
     /// BOFT: butterfly-factorised orthogonal rotation plus an output scaling.
     Boft,
+    /// MiSS (formerly Bone): block-shared updates of the weight's column blocks.
+    Miss,
+    /// VB-LoRA: low-rank factors assembled from a shared vector bank.
+    VbLora,
 }
 
 impl Family {
@@ -57,6 +61,8 @@ impl Family {
             Family::Vera => "vera",
             Family::FourierFt => "fourierft",
             Family::Boft => "boft",
+            Family::Miss => "miss",
+            Family::VbLora => "vblora",
         }
     }
 }
@@ -194,6 +200,49 @@ pub struct Oft {
     pub coft_eps: Option<f64>,
     /// Whether the stored weight is `(in, out)`.
     pub fan_in_fan_out: bool,
+    /// An embedding's rotation, applied as `W' = W · R` (over the embedding dimension) instead of
+    /// a linear layer's `W · Rᵀ`.
+    pub embedding: bool,
+}
+
+/// How a MiSS block updates the weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissMode {
+    /// `block (r, out)`: `ΔW[o, c] = block[c mod r, o]`.
+    Default,
+    /// `block (r, mini_r)` tiled over the outputs: `ΔW[o, c] = block[c mod r, o mod mini_r]`.
+    Mini,
+    /// `block (out/r, r, r)`: every `r×r` tile `T` of row block `i` becomes `T + T·B_i + B_i`.
+    Bat,
+}
+
+/// One VB-LoRA factor's selection logits.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VbLogits {
+    /// Full logits `(…, num_vectors)`: top-k then softmax.
+    Full(String),
+    /// Saved top-k: indices `(…, k)` and the first `k − 1` softmax weights `(…, k − 1)`.
+    TopK {
+        /// Indices into the bank.
+        indices: String,
+        /// Weights, the last one implied.
+        weights: String,
+    },
+}
+
+/// A VB-LoRA update `ΔW = B · A`, each row tile a weighted sum of `topk` bank vectors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VbLora {
+    /// `A` logits `(r, in/L, …)`.
+    pub a: VbLogits,
+    /// `B` logits `(out/L, r, …)`.
+    pub b: VbLogits,
+    /// The shared bank `(num_vectors, L)`.
+    pub bank: String,
+    /// `topk`.
+    pub topk: u64,
+    /// Whether the stored weight is `(in, out)`.
+    pub fan_in_fan_out: bool,
 }
 
 /// An HRA update: `W' = W · H`, `H = Π_i (I − 2 u_i u_iᵀ)` over the normalised columns of `u`, or
@@ -290,6 +339,15 @@ pub enum Payload {
         /// Whether the stored weight is `(in, out)`.
         fan_in_fan_out: bool,
     },
+    /// MiSS / Bone.
+    Miss {
+        /// The block tensor.
+        block: String,
+        /// How it applies.
+        mode: MissMode,
+    },
+    /// VB-LoRA.
+    VbLora(VbLora),
     /// Replace rows `indices` of an embedding with the rows of `tensor`.
     ReplaceRows {
         /// `(len(indices), dim)` replacement rows.
@@ -327,6 +385,20 @@ impl Payload {
             } => vec![a.as_str(), b.as_str(), lambda_b.as_str(), lambda_d.as_str()],
             Payload::Fourier { spectrum, .. } => vec![spectrum.as_str()],
             Payload::Butterfly { r, s, .. } => vec![r.as_str(), s.as_str()],
+            Payload::Miss { block, .. } => vec![block.as_str()],
+            Payload::VbLora(v) => {
+                let mut out = Vec::new();
+                for l in [&v.a, &v.b] {
+                    match l {
+                        VbLogits::Full(x) => out.push(x.as_str()),
+                        VbLogits::TopK { indices, weights } => {
+                            out.extend([indices.as_str(), weights.as_str()])
+                        }
+                    }
+                }
+                out.push(v.bank.as_str());
+                out
+            }
             Payload::Householder(h) => vec![h.tensor.as_str()],
             Payload::Hadamard(h) => {
                 let mut v = vec![
@@ -373,6 +445,8 @@ impl Payload {
             Payload::Vera { .. } => "vera",
             Payload::Fourier { .. } => "fourierft",
             Payload::Butterfly { .. } => "boft",
+            Payload::Miss { .. } => "miss",
+            Payload::VbLora(_) => "vblora",
             Payload::Householder(_) => "hra",
         }
     }

@@ -309,7 +309,6 @@ impl LoraConfig {
         // eva, corda, lora_ga configs) do not, and are accepted.
         for key in [
             "target_parameters",
-            "trainable_token_indices",
             "layer_replication",
             "alora_invocation_tokens",
             "arrow_config",
@@ -462,6 +461,7 @@ enum Role {
     EmbA,
     EmbB,
     Magnitude,
+    Tokens,
     Full,
 }
 
@@ -474,6 +474,7 @@ fn classify(key: &str) -> (String, Role) {
         (".lora_embedding_B", Role::EmbB),
         (".lora_magnitude_vector.weight", Role::Magnitude),
         (".lora_magnitude_vector", Role::Magnitude),
+        (".token_adapter.trainable_tokens_delta", Role::Tokens),
     ];
     for (s, role) in SUFFIXES {
         if let Some(m) = key.strip_suffix(s) {
@@ -489,6 +490,7 @@ pub(crate) fn replaced_target(module_key: &str) -> String {
         .replace(".base_layer.", ".")
         .replace(".modules_to_save.", ".")
         .replace(".original_module.", ".")
+        .replace(".ln_tuning_layers.", ".")
 }
 
 #[derive(Default)]
@@ -547,11 +549,16 @@ pub fn open(path: &Path) -> Result<PeftAdapter> {
         "VERA" => Family::Vera,
         "FOURIERFT" => Family::FourierFt,
         "BOFT" => Family::Boft,
+        "ADALORA" => Family::AdaLora,
+        "MISS" | "BONE" => Family::Miss,
+        "VBLORA" => Family::VbLora,
+        "LN_TUNING" => Family::LnTuning,
+        "TRAINABLE_TOKENS" => Family::TrainableTokens,
         _ => {
             let reason = if PROMPT_LEARNING_TYPES.contains(&peft_type.as_str()) {
                 "a prompt-learning method: it adds virtual tokens at run time and has no weights that can be merged".to_string()
             } else {
-                "this version of adapterkit reads LoRA, IA3, LoHa, LoKr, OFT, BOFT, HRA, VeRA and FourierFT PEFT adapters"
+                "this version of adapterkit does not read this method yet (see the README for the supported list)"
                     .to_string()
             };
             return Err(Error::UnsupportedPeftType {
@@ -565,7 +572,16 @@ pub fn open(path: &Path) -> Result<PeftAdapter> {
         Family::Loha | Family::Lokr => "alpha",
         _ => "lora_alpha",
     };
-    let cfg = LoraConfig::from_json_keyed(&cfg_path, &json, alpha_key)?;
+    // AdaLoRA's rank_pattern holds rank masks, not ranks; its reader interprets it.
+    let cfg = if family == Family::AdaLora {
+        let mut j = json.clone();
+        if let Some(o) = j.as_object_mut() {
+            o.remove("rank_pattern");
+        }
+        LoraConfig::from_json_keyed(&cfg_path, &j, alpha_key)?
+    } else {
+        LoraConfig::from_json_keyed(&cfg_path, &json, alpha_key)?
+    };
 
     let st_path = dir.join("adapter_model.safetensors");
     if !st_path.is_file() {
@@ -584,7 +600,7 @@ pub fn open(path: &Path) -> Result<PeftAdapter> {
     let file = SafetensorsFile::open_mapped(&st_path)?;
     let mut notes = Vec::new();
     let modules = match family {
-        Family::Lora => build_modules(&st_path, &cfg, &file)?,
+        Family::Lora => build_modules(&st_path, &cfg, &json, &file)?,
         _ => crate::peft_families::build(family, &st_path, &cfg, &json, &file, &mut notes)?,
     };
     let tensor_names = file.tensors().iter().map(|t| t.name.clone()).collect();
@@ -613,9 +629,11 @@ pub(crate) fn shape_str(t: &TensorInfo) -> String {
 fn build_modules(
     path: &Path,
     cfg: &LoraConfig,
+    json: &Value,
     file: &SafetensorsFile,
 ) -> Result<Vec<ModuleAdapter>> {
     let mut problems = Vec::new();
+    let mut tokens: Vec<(String, &TensorInfo)> = Vec::new();
     let mut groups: BTreeMap<String, Parts> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
     let mut full: Vec<(&TensorInfo, String)> = Vec::new();
@@ -633,6 +651,10 @@ fn build_modules(
             full.push((t, replaced_target(key)));
             continue;
         }
+        if role == Role::Tokens {
+            tokens.push((module, t));
+            continue;
+        }
         if !groups.contains_key(&module) {
             order.push(module.clone());
         }
@@ -644,7 +666,7 @@ fn build_modules(
             Role::EmbA => &mut p.emb_a,
             Role::EmbB => &mut p.emb_b,
             Role::Magnitude => &mut p.magnitude,
-            Role::Full => unreachable!("handled above"),
+            Role::Full | Role::Tokens => unreachable!("handled above"),
         };
         *slot = Some(t);
     }
@@ -811,6 +833,13 @@ fn build_modules(
                     },
                 });
             }
+        }
+    }
+    // Trainable tokens alongside LoRA (`trainable_token_indices`): new rows of an embedding.
+    for (module, t) in tokens {
+        match json.get("trainable_token_indices").and_then(|v| crate::peft_families::token_indices(v, &module)) {
+            Some(idx) => out.push(crate::peft_families::rows_module(module, t, idx, Family::TrainableTokens, &mut problems)),
+            None => problems.push(format!("tensor {:?}: trainable tokens but trainable_token_indices gives no indices for {module:?}", t.name)),
         }
     }
     for (t, target) in full {

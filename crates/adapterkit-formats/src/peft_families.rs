@@ -1,4 +1,5 @@
-//! PEFT families beyond LoRA: IA3, LoHa, LoKr, OFT, BOFT, HRA, VeRA, FourierFT. Key tables and formulas: `formats/peft.md`.
+//! PEFT families beyond LoRA: AdaLoRA, IA3, LoHa, LoKr, OFT, BOFT, HRA, VeRA, FourierFT, MiSS
+//! (and Bone), VB-LoRA, LN tuning, trainable tokens. Key tables and formulas: `formats/peft.md`.
 //!
 //! Every family goes through the same grouping: keys are split into module path and a known
 //! suffix; keys with no known suffix are full tensors that replace the base's (`modules_to_save`).
@@ -8,8 +9,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use adapterkit_core::ir::{
-    Cayley, Family, Hadamard, Householder, KronFactor, Kronecker, ModuleAdapter, Oft, Payload,
-    ScaleAxis,
+    Cayley, Family, Hadamard, Householder, KronFactor, Kronecker, LayerKind, LowRank, MissMode,
+    ModuleAdapter, Oft, Payload, ScaleAxis, VbLogits, VbLora,
 };
 use adapterkit_core::TensorInfo;
 use serde_json::Value;
@@ -33,7 +34,9 @@ fn group<'a>(
     let mut sorted: Vec<&'static str> = roles.to_vec();
     sorted.sort_by_key(|r| std::cmp::Reverse(r.len()));
     for t in file.tensors() {
-        if !t.dtype.is_float() {
+        // Index tensors (VB-LoRA's saved top-k) are integers; everything else is floating point.
+        let index_tensor = t.name.ends_with("_indices") && t.dtype.is_integer();
+        if !t.dtype.is_float() && !index_tensor {
             problems.push(format!(
                 "tensor {:?}: dtype {} is not a floating-point type",
                 t.name, t.dtype
@@ -92,6 +95,11 @@ pub fn build(
         Family::Vera => vera(path, cfg, json, file, &mut problems)?,
         Family::FourierFt => fourier(cfg, json, file, &mut problems),
         Family::Boft => boft(cfg, json, file, &mut problems, notes),
+        Family::AdaLora => adalora(path, cfg, json, file, &mut problems)?,
+        Family::Miss => miss(cfg, json, file, &mut problems),
+        Family::VbLora => vblora(cfg, json, file, &mut problems),
+        Family::LnTuning => ln_tuning(cfg, file, &mut problems),
+        Family::TrainableTokens => trainable_tokens(path, json, file, &mut problems)?,
         other => {
             return Err(Error::UnsupportedPeftType {
                 path: path.to_path_buf(),
@@ -147,24 +155,13 @@ fn ia3(
         let feedforward = ff
             .as_ref()
             .is_some_and(|s| LoraConfig::selector_matches(s, &module, true));
-        // (1, in[, 1…]) for feedforward modules, (out, 1[, 1…]) otherwise.
-        let ok = l.shape.len() >= 2
-            && if feedforward {
-                l.shape[0] == 1
-            } else {
-                l.shape[1..].iter().all(|&d| d == 1)
-            };
-        if !ok {
+        // A vector with one non-trivial dimension: (1, in) for feedforward linears, (out, 1)
+        // otherwise; convs store (1, C, 1, 1) either way. The config says which axis it scales.
+        if l.shape.len() < 2 || l.shape.iter().filter(|&&d| d != 1).count() > 1 {
             problems.push(format!(
-                "tensor {:?}: shape {} does not fit a {} IA3 vector ({})",
+                "tensor {:?}: shape {} is not an IA3 scaling vector (one dimension other than 1)",
                 l.name,
-                shape_str(l),
-                if feedforward {
-                    "feedforward (input-scaling)"
-                } else {
-                    "output-scaling"
-                },
-                if feedforward { "(1, in)" } else { "(out, 1)" }
+                shape_str(l)
             ));
             continue;
         }
@@ -354,7 +351,7 @@ fn oft(
     file: &SafetensorsFile,
     problems: &mut Vec<String>,
 ) -> Vec<ModuleAdapter> {
-    let (groups, full) = group(file, &["oft_R.weight"], problems);
+    let (groups, full) = group(file, &["oft_R.weight", "oft_embedding_R.weight"], problems);
     let block_share = json_bool(json, "block_share", false);
     let cayley = if json_bool(json, "use_cayley_neumann", true) {
         Cayley::Neumann(
@@ -369,7 +366,12 @@ fn oft(
         .then(|| json.get("eps").and_then(Value::as_f64).unwrap_or(6e-5));
     let mut out = Vec::new();
     for (module, parts) in groups {
-        let t = parts["oft_R.weight"];
+        let embedding = parts.contains_key("oft_embedding_R.weight");
+        let t = parts
+            .get("oft_R.weight")
+            .or_else(|| parts.get("oft_embedding_R.weight"))
+            .copied()
+            .expect("grouped by these roles");
         if t.shape.len() != 2 {
             problems.push(format!(
                 "tensor {:?}: OFT generators must be 2-D (blocks, b(b-1)/2), found {}",
@@ -408,7 +410,8 @@ fn oft(
                 block_share,
                 cayley,
                 coft_eps,
-                fan_in_fan_out: cfg.fan_in_fan_out,
+                fan_in_fan_out: cfg.fan_in_fan_out && !embedding,
+                embedding,
             }),
         });
     }
@@ -466,6 +469,7 @@ fn hra(
 pub fn shared_tensors(family: Family) -> Vec<String> {
     match family {
         Family::Vera => vec!["base_model.vera_A".into(), "base_model.vera_B".into()],
+        Family::VbLora => vec!["base_model.vblora_vector_bank".into()],
         _ => vec![],
     }
 }
@@ -624,4 +628,310 @@ fn boft(
     }
     out.extend(replacements(full, Family::Boft));
     out
+}
+
+fn adalora(
+    path: &Path,
+    cfg: &LoraConfig,
+    json: &Value,
+    file: &SafetensorsFile,
+    problems: &mut Vec<String>,
+) -> Result<Vec<ModuleAdapter>> {
+    let init_r = json.get("init_r").and_then(Value::as_u64).unwrap_or(12);
+    let alpha = json
+        .get("lora_alpha")
+        .and_then(Value::as_f64)
+        .unwrap_or(8.0);
+    // rank_pattern: "<module>.lora_E" (or "<module>") → boolean mask over the init_r ranks.
+    let mut masks: BTreeMap<String, u64> = BTreeMap::new();
+    if let Some(Value::Object(m)) = json.get("rank_pattern") {
+        for (k, v) in m {
+            let Some(bits) = v.as_array() else {
+                return Err(Error::InvalidConfig {
+                    path: path.to_path_buf(),
+                    message: format!("rank_pattern[{k:?}] must be a list of booleans"),
+                });
+            };
+            let kept = bits.iter().filter(|b| b.as_bool() == Some(true)).count() as u64;
+            let module = k.strip_suffix(".lora_E").unwrap_or(k).to_string();
+            masks.insert(module, kept);
+        }
+    }
+    let (groups, full) = group(file, &["lora_A", "lora_B", "lora_E"], problems);
+    let mut out = Vec::new();
+    for (module, parts) in groups {
+        let (Some(a), Some(b), Some(e)) = (
+            parts.get("lora_A"),
+            parts.get("lora_B"),
+            parts.get("lora_E"),
+        ) else {
+            problems.push(format!(
+                "module {module:?}: AdaLoRA needs lora_A, lora_B and lora_E"
+            ));
+            continue;
+        };
+        if a.shape.len() != 2
+            || b.shape.len() != 2
+            || e.shape.len() != 2
+            || a.shape[0] != b.shape[1]
+            || e.shape[0] != a.shape[0]
+        {
+            problems.push(format!(
+                "module {module:?}: AdaLoRA shapes do not agree: lora_A {}, lora_B {}, lora_E {} (expected (r, in), (out, r), (r, 1))",
+                shape_str(a),
+                shape_str(b),
+                shape_str(e)
+            ));
+            continue;
+        }
+        let rank = a.shape[0];
+        let want = masks.get(&module).copied().unwrap_or(init_r);
+        if rank != want {
+            problems.push(format!(
+                "module {module:?}: the config gives r={want} ({}) but the tensors have r={rank}",
+                if masks.contains_key(&module) {
+                    "rank_pattern mask"
+                } else {
+                    "init_r"
+                }
+            ));
+            continue;
+        }
+        if !selected(cfg, &module, problems) {
+            continue;
+        }
+        // PEFT: scaling = lora_alpha (or the rank when alpha ≤ 0), divided by ranknum + 1e-5 where
+        // ranknum stays init_r after the rank pattern shrinks the module.
+        let scaling = if alpha > 0.0 { alpha } else { rank as f64 };
+        let scale = (scaling as f32 / (init_r as f32 + 1e-5)) as f64;
+        out.push(ModuleAdapter {
+            target: format!("{module}.weight"),
+            module,
+            family: Family::AdaLora,
+            payload: Payload::LowRank(LowRank {
+                layer: LayerKind::Linear {
+                    fan_in_fan_out: cfg.fan_in_fan_out,
+                },
+                a: a.name.clone(),
+                b: b.name.clone(),
+                rank,
+                alpha: scaling,
+                rslora: false,
+                scale,
+                magnitude: None,
+                singular_values: Some(e.name.clone()),
+            }),
+        });
+    }
+    out.extend(replacements(full, Family::AdaLora));
+    Ok(out)
+}
+
+fn miss(
+    cfg: &LoraConfig,
+    json: &Value,
+    file: &SafetensorsFile,
+    problems: &mut Vec<String>,
+) -> Vec<ModuleAdapter> {
+    let mode = match json.get("init_weights") {
+        Some(Value::String(s)) if s == "bat" => MissMode::Bat,
+        Some(Value::String(s)) if s == "mini" => MissMode::Mini,
+        _ => MissMode::Default,
+    };
+    // Bone, MiSS's predecessor, saved the same tensor as `bone_block`.
+    let (groups, full) = group(file, &["miss_block", "bone_block"], problems);
+    let mut out = Vec::new();
+    for (module, parts) in groups {
+        let t = parts
+            .get("miss_block")
+            .or_else(|| parts.get("bone_block"))
+            .copied()
+            .expect("grouped by these roles");
+        let want_dims = if mode == MissMode::Bat { 3 } else { 2 };
+        if t.shape.len() != want_dims {
+            problems.push(format!(
+                "tensor {:?}: a MiSS {mode:?} block has {want_dims} dimensions, found {}",
+                t.name,
+                shape_str(t)
+            ));
+            continue;
+        }
+        if !selected(cfg, &module, problems) {
+            continue;
+        }
+        out.push(ModuleAdapter {
+            target: format!("{module}.weight"),
+            module,
+            family: Family::Miss,
+            payload: Payload::Miss {
+                block: t.name.clone(),
+                mode,
+            },
+        });
+    }
+    out.extend(replacements(full, Family::Miss));
+    out
+}
+
+fn vblora(
+    cfg: &LoraConfig,
+    json: &Value,
+    file: &SafetensorsFile,
+    problems: &mut Vec<String>,
+) -> Vec<ModuleAdapter> {
+    let bank = "base_model.vblora_vector_bank";
+    let topk = json.get("topk").and_then(Value::as_u64).unwrap_or(2);
+    let roles = [
+        "vblora_logits_A",
+        "vblora_logits_B",
+        "vblora_logits_A_topk_indices",
+        "vblora_logits_A_topk_weights",
+        "vblora_logits_B_topk_indices",
+        "vblora_logits_B_topk_weights",
+    ];
+    let (groups, full) = group(file, &roles, problems);
+    if file.tensors().iter().all(|t| t.name != bank) {
+        problems.push(format!("the shared vector bank {bank:?} is missing"));
+    }
+    let mut out = Vec::new();
+    for (module, parts) in groups {
+        let logits = |f: &str| -> Option<VbLogits> {
+            match (
+                parts.get(f),
+                parts.get(format!("{f}_topk_indices").as_str()),
+                parts.get(format!("{f}_topk_weights").as_str()),
+            ) {
+                (Some(l), None, None) => Some(VbLogits::Full(l.name.clone())),
+                (None, Some(i), Some(w)) => Some(VbLogits::TopK {
+                    indices: i.name.clone(),
+                    weights: w.name.clone(),
+                }),
+                _ => None,
+            }
+        };
+        let (Some(a), Some(b)) = (logits("vblora_logits_A"), logits("vblora_logits_B")) else {
+            problems.push(format!("module {module:?}: VB-LoRA needs logits for A and B (full, or top-k indices and weights)"));
+            continue;
+        };
+        if !selected(cfg, &module, problems) {
+            continue;
+        }
+        out.push(ModuleAdapter {
+            target: format!("{module}.weight"),
+            module,
+            family: Family::VbLora,
+            payload: Payload::VbLora(VbLora {
+                a,
+                b,
+                bank: bank.into(),
+                topk,
+                fan_in_fan_out: cfg.fan_in_fan_out,
+            }),
+        });
+    }
+    out.extend(replacements(
+        full.into_iter().filter(|(t, _)| t.name != bank).collect(),
+        Family::VbLora,
+    ));
+    out
+}
+
+fn ln_tuning(
+    cfg: &LoraConfig,
+    file: &SafetensorsFile,
+    problems: &mut Vec<String>,
+) -> Vec<ModuleAdapter> {
+    let (_, full) = group(file, &[], problems);
+    let mut out = Vec::new();
+    for (t, target) in full {
+        let key = t.name.strip_prefix(KEY_PREFIX).unwrap_or(&t.name);
+        let Some((module, _)) = key.split_once(".ln_tuning_layers.") else {
+            problems.push(format!(
+                "tensor {:?}: not an LN-tuning tensor (<module>.ln_tuning_layers.<param>)",
+                t.name
+            ));
+            continue;
+        };
+        if !selected(cfg, module, problems) {
+            continue;
+        }
+        out.push(ModuleAdapter {
+            module: module.to_string(),
+            target,
+            family: Family::LnTuning,
+            payload: Payload::Replace {
+                tensor: t.name.clone(),
+            },
+        });
+    }
+    out
+}
+
+/// Token indices from a config value: a list (for the one target) or `{module: list}`.
+pub fn token_indices(v: &Value, module: &str) -> Option<Vec<u64>> {
+    match v {
+        Value::Array(a) => a.iter().map(Value::as_u64).collect(),
+        Value::Object(m) => m
+            .iter()
+            .find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}")))
+            .and_then(|(_, v)| token_indices(v, module)),
+        _ => None,
+    }
+}
+
+fn trainable_tokens(
+    path: &Path,
+    json: &Value,
+    file: &SafetensorsFile,
+    problems: &mut Vec<String>,
+) -> Result<Vec<ModuleAdapter>> {
+    let indices = json.get("token_indices").cloned().unwrap_or(Value::Null);
+    let (groups, full) = group(file, &["trainable_tokens_delta"], problems);
+    let mut out = Vec::new();
+    for (module, parts) in groups {
+        let t = parts["trainable_tokens_delta"];
+        let Some(idx) = token_indices(&indices, &module) else {
+            return Err(Error::InvalidConfig {
+                path: path.to_path_buf(),
+                message: format!("token_indices gives no indices for {module:?}"),
+            });
+        };
+        out.push(rows_module(
+            module,
+            t,
+            idx,
+            Family::TrainableTokens,
+            problems,
+        ));
+    }
+    out.extend(replacements(full, Family::TrainableTokens));
+    Ok(out)
+}
+
+/// A `ReplaceRows` module adapter, checking the row count against the indices.
+pub fn rows_module(
+    module: String,
+    t: &TensorInfo,
+    indices: Vec<u64>,
+    family: Family,
+    problems: &mut Vec<String>,
+) -> ModuleAdapter {
+    if t.shape.first().copied() != Some(indices.len() as u64) || t.shape.len() != 2 {
+        problems.push(format!(
+            "tensor {:?}: {} holds {:?} rows but the config lists {} token indices",
+            t.name,
+            shape_str(t),
+            t.shape.first(),
+            indices.len()
+        ));
+    }
+    ModuleAdapter {
+        target: format!("{module}.weight"),
+        module,
+        family,
+        payload: Payload::ReplaceRows {
+            tensor: t.name.clone(),
+            indices,
+        },
+    }
 }

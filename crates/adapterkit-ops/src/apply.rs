@@ -35,6 +35,16 @@ pub(crate) enum Prepared {
         transposed: bool,
         weight: f32,
     },
+    ReplaceRows {
+        indices: Vec<usize>,
+        rows: Vec<f32>,
+        weight: f32,
+    },
+    MissBat {
+        blocks: Vec<f32>,
+        r: usize,
+        weight: f32,
+    },
 }
 
 pub(crate) fn prepare(plan: &Plan, t: &PlannedTensor) -> Result<Vec<Prepared>> {
@@ -52,10 +62,19 @@ pub(crate) fn prepare(plan: &Plan, t: &PlannedTensor) -> Result<Vec<Prepared>> {
                 scale,
                 weight,
                 magnitude,
+                singular_values,
             } => {
                 let src = &plan.adapters[*adapter].adapter.tensors;
-                let a = src.read_f32(a)?;
+                let mut a = src.read_f32(a)?;
                 let b = src.read_f32(b)?;
+                if let Some(e) = singular_values {
+                    // AdaLoRA: A ⊙ E, E one value per rank.
+                    let e = src.read_f32(e)?;
+                    let width = a.len() / (*rank).max(1);
+                    for (row, k) in a.chunks_exact_mut(width.max(1)).zip(&e) {
+                        row.iter_mut().for_each(|x| *x *= k);
+                    }
+                }
                 let (mut l, r) = match orientation {
                     // B is (rows × r), A is (r × cols).
                     Orientation::Normal => (b, a),
@@ -141,6 +160,29 @@ pub(crate) fn prepare(plan: &Plan, t: &PlannedTensor) -> Result<Vec<Prepared>> {
                 transposed: *transposed,
                 weight: *weight,
             },
+            OpSpec::ReplaceRows {
+                adapter,
+                tensor,
+                indices,
+                weight,
+            } => Prepared::ReplaceRows {
+                indices: indices.iter().map(|&i| i as usize).collect(),
+                rows: plan.adapters[*adapter].adapter.tensors.read_f32(tensor)?,
+                weight: *weight,
+            },
+            OpSpec::MissBat {
+                adapter,
+                tensor,
+                weight,
+            } => {
+                let src = plan.adapters[*adapter].adapter.tensors.as_ref();
+                let r = src.info(tensor).map(|t| t.shape[1] as usize).unwrap_or(1);
+                Prepared::MissBat {
+                    blocks: src.read_f32(tensor)?,
+                    r,
+                    weight: *weight,
+                }
+            }
             OpSpec::Replace {
                 adapter,
                 tensor,
@@ -166,6 +208,21 @@ pub(crate) fn apply_ops(
     let rows = w.len().checked_div(cols).unwrap_or(0);
     tmp.resize(cols, 0.0);
     for op in ops {
+        if let Prepared::ReplaceRows {
+            indices,
+            rows: new_rows,
+            weight,
+        } = op
+        {
+            for (k, &i) in indices.iter().enumerate() {
+                if i >= row0 && i < row0 + rows {
+                    let dst = &mut w[(i - row0) * cols..(i - row0 + 1) * cols];
+                    for (x, n) in dst.iter_mut().zip(&new_rows[k * cols..(k + 1) * cols]) {
+                        *x += weight * (n - *x);
+                    }
+                }
+            }
+        }
         if let Prepared::Replace { data, weight } = op {
             let src = &data[row0 * cols..(row0 + rows) * cols];
             if *weight == 1.0 {
@@ -215,7 +272,28 @@ pub(crate) fn apply_ops(
     }
     for (op, norm) in ops.iter().zip(&norms) {
         match op {
-            Prepared::Replace { .. } => {}
+            Prepared::Replace { .. } | Prepared::ReplaceRows { .. } => {}
+            Prepared::MissBat { blocks, r, weight } => {
+                // Whole tensor: tile (a, c) of size r×r becomes T + w·(T·B_a + B_a).
+                let r = *r;
+                let mut t = vec![0f32; r * r];
+                for a in 0..rows / r {
+                    let b = &blocks[a * r * r..(a + 1) * r * r];
+                    for c in 0..cols / r {
+                        for i in 0..r {
+                            t[i * r..(i + 1) * r].copy_from_slice(
+                                &w[(a * r + i) * cols + c * r..(a * r + i) * cols + c * r + r],
+                            );
+                        }
+                        for i in 0..r {
+                            for j in 0..r {
+                                let tb: f32 = (0..r).map(|k| t[i * r + k] * b[k * r + j]).sum();
+                                w[(a * r + i) * cols + c * r + j] += weight * (tb + b[i * r + j]);
+                            }
+                        }
+                    }
+                }
+            }
             Prepared::Transform {
                 t,
                 transposed,

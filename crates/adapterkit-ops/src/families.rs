@@ -4,10 +4,13 @@
 //! (Householder reflections). Each returns `ΔW` as a row-major
 //! `(out, in·k…)` matrix in PEFT's orientation, already scaled. Formulas: `formats/peft.md`.
 
-use adapterkit_core::ir::{Cayley, KronFactor, Payload};
+use adapterkit_core::ir::{Cayley, KronFactor, MissMode, Payload, VbLogits};
 use adapterkit_core::TensorSource;
 
 use crate::error::{Error, Result};
+
+/// A VB-LoRA selection: bank vector indices and their weights.
+type Selection = (Vec<usize>, Vec<f32>);
 
 /// `a (m×k) · b (k×n)`, row-major.
 fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
@@ -95,6 +98,101 @@ pub fn dense_delta(
     in_dim: usize,
 ) -> Result<Vec<f32>> {
     match payload {
+        Payload::Miss { block, mode } => {
+            let d = dims(src, block)?;
+            let bv = src.read_f32(block)?;
+            let (r, width) = (d[0], d[1]);
+            let mut delta = vec![0f32; out_dim * in_dim];
+            for o in 0..out_dim {
+                // Default: block (r, out); mini: block (r, mini_r) tiled over the outputs.
+                let oc = if *mode == MissMode::Mini {
+                    o % width
+                } else {
+                    o
+                };
+                for (c, x) in delta[o * in_dim..(o + 1) * in_dim].iter_mut().enumerate() {
+                    *x = bv[(c % r) * width + oc];
+                }
+            }
+            Ok(delta)
+        }
+        Payload::VbLora(v) => {
+            let bank_d = dims(src, &v.bank)?;
+            let (nv, l) = (bank_d[0], bank_d[1]);
+            let bank = src.read_f32(&v.bank)?;
+            let topk = v.topk as usize;
+            // Each logits row selects topk bank vectors with softmax weights: (…, L) rows.
+            let assemble = |logits: &VbLogits| -> Result<(Vec<f32>, Vec<usize>)> {
+                let (sel, shape): (Vec<Selection>, Vec<usize>) = match logits {
+                    VbLogits::Full(x) => {
+                        let d = dims(src, x)?;
+                        let lv = src.read_f32(x)?;
+                        let rows = lv
+                            .chunks_exact(nv)
+                            .map(|row| {
+                                let mut idx: Vec<usize> = (0..nv).collect();
+                                // torch.topk: largest first.
+                                idx.sort_by(|&i, &j| row[j].total_cmp(&row[i]).then(i.cmp(&j)));
+                                idx.truncate(topk);
+                                let m = idx
+                                    .iter()
+                                    .map(|&i| row[i])
+                                    .fold(f32::NEG_INFINITY, f32::max);
+                                let e: Vec<f32> = idx.iter().map(|&i| (row[i] - m).exp()).collect();
+                                let s: f32 = e.iter().sum();
+                                (idx, e.iter().map(|x| x / s).collect())
+                            })
+                            .collect();
+                        (rows, d[..d.len() - 1].to_vec())
+                    }
+                    VbLogits::TopK { indices, weights } => {
+                        let d = dims(src, indices)?;
+                        let k = d[d.len() - 1];
+                        let iv = src.read_f32(indices)?;
+                        let wv = src.read_f32(weights)?;
+                        let rows = iv
+                            .chunks_exact(k)
+                            .zip(wv.chunks_exact(k.saturating_sub(1).max(1)))
+                            .map(|(ix, ws)| {
+                                // Only the first k − 1 weights are saved; the last is 1 − Σ.
+                                let mut w: Vec<f32> = if k > 1 { ws.to_vec() } else { vec![] };
+                                w.push(1.0 - w.iter().sum::<f32>());
+                                (ix.iter().map(|&i| i as usize).collect(), w)
+                            })
+                            .collect();
+                        (rows, d[..d.len() - 1].to_vec())
+                    }
+                };
+                let mut out = vec![0f32; sel.len() * l];
+                for (row, (idx, w)) in out.chunks_exact_mut(l).zip(&sel) {
+                    for (&i, &wi) in idx.iter().zip(w) {
+                        if i >= nv {
+                            return Err(Error::Options(format!(
+                                "VB-LoRA index {i} is outside the bank of {nv} vectors"
+                            )));
+                        }
+                        for (o, b) in row.iter_mut().zip(&bank[i * l..(i + 1) * l]) {
+                            *o += wi * b;
+                        }
+                    }
+                }
+                Ok((out, shape))
+            };
+            // A: (r, in/L, L) → (r, in). B: (out/L, r, L) → (out/L, L, r) → (out, r).
+            let (a, ad) = assemble(&v.a)?;
+            let (bt, bd) = assemble(&v.b)?;
+            let r = ad[0];
+            let (tiles, rb) = (bd[0], bd[1]);
+            let mut b = vec![0f32; tiles * l * rb];
+            for t in 0..tiles {
+                for k in 0..rb {
+                    for j in 0..l {
+                        b[(t * l + j) * rb + k] = bt[(t * rb + k) * l + j];
+                    }
+                }
+            }
+            Ok(matmul(&b, &a, out_dim, r, in_dim))
+        }
         Payload::Vera {
             a,
             b,
@@ -414,7 +512,8 @@ pub fn row_transform(src: &dyn TensorSource, payload: &Payload, n: usize) -> Res
                     }
                 }
             }
-            // W' = W · Rᵀ: each input slice x_k becomes R_k · x_k.
+            // W' = W · Rᵀ: each input slice x_k becomes R_k · x_k. An embedding's rotation is
+            // applied as W · R, so there x_k becomes R_kᵀ · x_k.
             let mut blocks = Vec::with_capacity(stored * b * b);
             for g in v.chunks_exact(packed_len) {
                 let r = cayley_block(g, b, o.cayley).ok_or_else(|| {
@@ -423,7 +522,11 @@ pub fn row_transform(src: &dyn TensorSource, payload: &Payload, n: usize) -> Res
                         o.tensor
                     ))
                 })?;
-                blocks.extend(r.iter().map(|&x| x as f32));
+                if o.embedding {
+                    blocks.extend((0..b * b).map(|k| r[(k % b) * b + k / b] as f32));
+                } else {
+                    blocks.extend(r.iter().map(|&x| x as f32));
+                }
             }
             Ok(RowTransform::Blocks {
                 b,

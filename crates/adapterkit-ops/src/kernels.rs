@@ -13,11 +13,11 @@ const TILE: usize = 16;
 /// with AVX-512 or AVX2 and FMA (detected at run time) the same code is compiled for 512- or
 /// 256-bit vectors with fused multiply-adds.
 pub fn add_low_rank(w: &mut [f32], cols: usize, l: &[f32], r: &[f32], rank: usize) {
-    debug_assert_eq!(r.len(), rank * cols);
-    debug_assert_eq!(w.len() / cols.max(1), l.len() / rank.max(1));
     if cols == 0 || rank == 0 {
         return;
     }
+    debug_assert_eq!(r.len(), rank * cols);
+    debug_assert_eq!(w.len() / cols, l.len() / rank);
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
     {

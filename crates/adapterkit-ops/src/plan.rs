@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use adapterkit_core::ir::{Adapter, KronFactor, LayerKind, Payload, ScaleAxis};
+use adapterkit_core::ir::{Adapter, KronFactor, LayerKind, MissMode, Payload, ScaleAxis, VbLogits};
 use adapterkit_core::{DType, TensorInfo, TensorSource};
 
 use crate::error::{Error, Problem, Result};
@@ -67,6 +67,28 @@ pub enum OpSpec {
         weight: f32,
         /// DoRA magnitude tensor and its norm axis.
         magnitude: Option<(String, NormAxis)>,
+        /// AdaLoRA's `E` (r×1): `A` rows are scaled by it.
+        singular_values: Option<String>,
+    },
+    /// Replace rows `indices` (embedding rows) with the rows of `tensor`, blended by weight.
+    ReplaceRows {
+        /// Index of the adapter.
+        adapter: usize,
+        /// `(len(indices), cols)` rows.
+        tensor: String,
+        /// Row indices.
+        indices: Vec<u64>,
+        /// Merge weight.
+        weight: f32,
+    },
+    /// MiSS "bat": every `r×r` tile `T` of row block `i` becomes `T + w·(T·B_i + B_i)`.
+    MissBat {
+        /// Index of the adapter.
+        adapter: usize,
+        /// `(out/r, r, r)` blocks.
+        tensor: String,
+        /// Merge weight.
+        weight: f32,
     },
     /// `W += weight·scale·D`.
     Add {
@@ -140,7 +162,7 @@ impl OpSpec {
             } | OpSpec::Transform {
                 transposed: true,
                 ..
-            }
+            } | OpSpec::MissBat { .. }
         )
     }
 }
@@ -346,6 +368,7 @@ pub fn plan<'a>(
                         scale: lr.scale as f32,
                         weight,
                         magnitude: lr.magnitude.clone().map(|mname| (mname, axis)),
+                        singular_values: lr.singular_values.clone(),
                     }
                 }
                 Payload::Add { tensor, scale } => {
@@ -662,6 +685,96 @@ pub fn plan<'a>(
                         weight,
                     }
                 }
+                Payload::ReplaceRows { tensor, indices } => {
+                    let Some(t) = ainfo(tensor) else { continue };
+                    let (rows, cols) = info.rows_cols();
+                    if t.shape.len() != 2 || t.shape[1] != cols || info.shape.len() != 2 {
+                        problems.push(problem(file, &m.target, format!("shape mismatch: rows {tensor} {:?} do not fit the base tensor {:?}", t.shape, info.shape)));
+                        continue;
+                    }
+                    if let Some(bad) = indices.iter().find(|&&i| i >= rows) {
+                        problems.push(problem(file, &m.target, format!("token index {bad} is out of range for a base tensor of {rows} rows")));
+                        continue;
+                    }
+                    OpSpec::ReplaceRows {
+                        adapter: ai,
+                        tensor: tensor.clone(),
+                        indices: indices.clone(),
+                        weight,
+                    }
+                }
+                Payload::Miss { block, mode } => {
+                    let Some(t) = ainfo(block) else { continue };
+                    let (out_dim, in_dim) = info.rows_cols();
+                    let ok = info.shape.len() == 2
+                        && match mode {
+                            MissMode::Default => t.shape[1] == out_dim && t.shape[0] > 0,
+                            MissMode::Mini => t.shape[1] > 0 && out_dim % t.shape[1] == 0,
+                            MissMode::Bat => {
+                                let r = t.shape[1];
+                                t.shape[2] == r
+                                    && r > 0
+                                    && out_dim % r == 0
+                                    && in_dim % r == 0
+                                    && t.shape[0] == out_dim / r
+                            }
+                        };
+                    if !ok {
+                        problems.push(problem(file, &m.target, format!("shape mismatch: MiSS {mode:?} block {:?} does not fit the base tensor {:?}", t.shape, info.shape)));
+                        continue;
+                    }
+                    if *mode == MissMode::Bat {
+                        OpSpec::MissBat {
+                            adapter: ai,
+                            tensor: block.clone(),
+                            weight,
+                        }
+                    } else {
+                        OpSpec::Dense {
+                            adapter: ai,
+                            payload: m.payload.clone(),
+                            fan_in_fan_out: false,
+                            weight,
+                        }
+                    }
+                }
+                Payload::VbLora(v) => {
+                    let (rows, cols) = info.rows_cols();
+                    let (out_dim, in_dim) = if v.fan_in_fan_out {
+                        (cols, rows)
+                    } else {
+                        (rows, cols)
+                    };
+                    let (Some(bank), Some(la), Some(lb)) = (
+                        ainfo(&v.bank),
+                        ainfo(match &v.a {
+                            VbLogits::Full(x) | VbLogits::TopK { indices: x, .. } => x,
+                        }),
+                        ainfo(match &v.b {
+                            VbLogits::Full(x) | VbLogits::TopK { indices: x, .. } => x,
+                        }),
+                    ) else {
+                        continue;
+                    };
+                    let l = bank.shape.get(1).copied().unwrap_or(0);
+                    // A logits (r, in/L, …), B logits (out/L, r, …).
+                    let ok = info.shape.len() == 2
+                        && la.shape.len() == 3
+                        && lb.shape.len() == 3
+                        && la.shape[1] * l == in_dim
+                        && lb.shape[0] * l == out_dim
+                        && la.shape[0] == lb.shape[1];
+                    if !ok {
+                        problems.push(problem(file, &m.target, format!("shape mismatch: VB-LoRA logits A {:?}, B {:?} with vectors of length {l} do not fit the base tensor {:?}", la.shape, lb.shape, info.shape)));
+                        continue;
+                    }
+                    OpSpec::Dense {
+                        adapter: ai,
+                        payload: m.payload.clone(),
+                        fan_in_fan_out: v.fan_in_fan_out,
+                        weight,
+                    }
+                }
                 other => {
                     problems.push(problem(
                         file,
@@ -682,7 +795,7 @@ pub fn plan<'a>(
         let mut o = ops.remove(&t.name).unwrap_or_default();
         // Within the merge: every replacement first (it becomes the layer the adapters were
         // trained on), then the updates in adapter order.
-        o.sort_by_key(|op| !matches!(op, OpSpec::Replace { .. }));
+        o.sort_by_key(|op| !matches!(op, OpSpec::Replace { .. } | OpSpec::ReplaceRows { .. }));
         let out = match out_dtype {
             OutDType::Fixed(d) if t.dtype.is_float() => d,
             _ => t.dtype,

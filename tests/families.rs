@@ -1,0 +1,82 @@
+//! Every PEFT family against PEFT's own merges: for each case of fixtures/peft_families (made by
+//! fixtures/peft_families/generate.py with PEFT 0.21.2), `adapterkit merge` must reproduce
+//! `merge_and_unload()` to 1e-5 of each tensor's scale, or refuse with a clear error where the
+//! manifest says PEFT cannot be reproduced or the method is not mergeable.
+
+mod common;
+
+use std::path::Path;
+
+use adapterkit_formats::safetensors::SafetensorsFile;
+use common::{assert_close, bin, failed, fixtures, manifest, ok};
+use serde_json::Value;
+
+fn run_case(set: &str, c: &Value, out: &Path) -> std::process::Output {
+    let dir = fixtures(set);
+    let mut cmd = bin();
+    cmd.arg("merge").arg(dir.join(c["base"].as_str().unwrap()));
+    for a in c["adapters"].as_array().unwrap() {
+        cmd.arg(dir.join(a.as_str().unwrap()));
+    }
+    let w: Vec<String> = c["weights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_f64().unwrap().to_string())
+        .collect();
+    cmd.arg("--weights").arg(w.join(",")).arg("-o").arg(out);
+    cmd.output().unwrap()
+}
+
+/// Merge every case of `set`; returns the names of cases that failed, with why.
+pub fn check_set(set: &str, rel: f32) -> Vec<String> {
+    let mut failures = Vec::new();
+    for c in manifest(set) {
+        let name = c["name"].as_str().unwrap().to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("m.safetensors");
+        let result = std::panic::catch_unwind(|| {
+            let o = run_case(set, &c, &out);
+            match c["expected"].as_str() {
+                Some(expected) => {
+                    ok(&o);
+                    let f = SafetensorsFile::open(&out).unwrap();
+                    let names: Vec<String> = f.tensors().iter().map(|t| t.name.clone()).collect();
+                    assert_close(&f, &names, &fixtures(set).join(expected), rel);
+                }
+                None => {
+                    let err = failed(&o);
+                    assert!(!out.exists(), "output written for a refused case");
+                    let family = c["family"].as_str().unwrap_or_default();
+                    assert!(
+                        err.contains(family) || err.contains(&family.to_uppercase()),
+                        "the error should name {family}: {err}"
+                    );
+                }
+            }
+        });
+        if let Err(e) = result {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            failures.push(format!(
+                "{name}: {}",
+                msg.lines().take(6).collect::<Vec<_>>().join(" | ")
+            ));
+        }
+    }
+    failures
+}
+
+#[test]
+fn every_peft_family_matches_merge_and_unload() {
+    let failures = check_set("peft_families", 1e-5);
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
