@@ -692,3 +692,47 @@ fn tied_output_head_is_explained() {
         "{err}"
     );
 }
+
+#[test]
+fn unmerge_recovers_the_base_and_refuses_dora() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("base.safetensors");
+    let f = fixtures();
+    ok(&run(&[
+        &"unmerge",
+        &f.join("llama_lora/merged.safetensors"),
+        &f.join("llama_lora/adapter"),
+        &"-o",
+        &out,
+    ]));
+    let got = SafetensorsFile::open(&out).unwrap();
+    let names: Vec<String> = got.tensors().iter().map(|t| t.name.clone()).collect();
+    assert_close(&got, &names, &f.join("bases/llama/model.safetensors"), 1e-5);
+    // Several adapters with weights come out in reverse order.
+    let out2 = dir.path().join("base2.safetensors");
+    ok(&run(&[
+        &"unmerge",
+        &f.join("multi/merged.safetensors"),
+        &f.join("multi/adapter_a"),
+        &f.join("multi/adapter_b"),
+        &"--weights",
+        &"0.7,-0.4",
+        &"-o",
+        &out2,
+    ]));
+    let got = SafetensorsFile::open(&out2).unwrap();
+    assert_close(&got, &names, &f.join("bases/llama/model.safetensors"), 1e-5);
+    let out3 = dir.path().join("base3.safetensors");
+    let err = failed(&run(&[
+        &"unmerge",
+        &f.join("llama_dora/merged.safetensors"),
+        &f.join("llama_dora/adapter"),
+        &"-o",
+        &out3,
+    ]));
+    assert!(
+        err.contains("cannot unmerge") && err.contains("DoRA"),
+        "{err}"
+    );
+    assert!(!out3.exists());
+}

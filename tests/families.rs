@@ -80,3 +80,87 @@ fn every_peft_family_matches_merge_and_unload() {
         failures.join("\n")
     );
 }
+
+/// `unmerge` of PEFT's merged file recovers the base: for every family whose merge is
+/// invertible, to 1e-4 of each tensor's scale; the others are refused with the reason.
+fn check_unmerge(set: &str) -> (Vec<String>, Vec<String>) {
+    let (mut failures, mut refused) = (Vec::new(), Vec::new());
+    for c in manifest(set) {
+        let Some(expected) = c["expected"].as_str() else {
+            continue;
+        };
+        let name = c["name"].as_str().unwrap().to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("base.safetensors");
+        let d = fixtures(set);
+        let mut cmd = bin();
+        cmd.arg("unmerge").arg(d.join(expected));
+        for a in c["adapters"].as_array().unwrap() {
+            cmd.arg(d.join(a.as_str().unwrap()));
+        }
+        let w: Vec<String> = c["weights"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w.as_f64().unwrap().to_string())
+            .collect();
+        let o = cmd
+            .arg("--weights")
+            .arg(w.join(","))
+            .arg("-o")
+            .arg(&out)
+            .output()
+            .unwrap();
+        if !o.status.success() {
+            let err = String::from_utf8_lossy(&o.stderr).to_string();
+            if err.contains("cannot unmerge") && !err.contains("panicked") && !out.exists() {
+                refused.push(name);
+            } else {
+                failures.push(format!(
+                    "{name}: {}",
+                    err.lines().take(3).collect::<Vec<_>>().join(" | ")
+                ));
+            }
+            continue;
+        }
+        let base = d.join(c["base"].as_str().unwrap());
+        let base_file = if base.is_dir() {
+            base.join("model.safetensors")
+        } else {
+            base
+        };
+        let result = std::panic::catch_unwind(|| {
+            let f = SafetensorsFile::open(&out).unwrap();
+            let names: Vec<String> = f.tensors().iter().map(|t| t.name.clone()).collect();
+            assert_close(&f, &names, &base_file, 1e-4);
+        });
+        if let Err(e) = result {
+            let msg = e.downcast_ref::<String>().cloned().unwrap_or_default();
+            failures.push(format!("{name}: {msg}"));
+        }
+    }
+    (failures, refused)
+}
+
+#[test]
+fn unmerge_inverts_every_invertible_family() {
+    let (failures, mut refused) = check_unmerge("peft_families");
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    refused.sort();
+    // Exactly the merges that destroy information: replaced tensors (LN tuning, trainable
+    // tokens, a saved embedding base layer).
+    assert_eq!(
+        refused,
+        vec![
+            "llama_ln_tuning",
+            "llama_lora_trainable_tokens",
+            "llama_oft_embed",
+            "llama_trainable_tokens"
+        ],
+    );
+}

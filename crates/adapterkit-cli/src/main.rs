@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use adapterkit_core::DType;
 use adapterkit_formats::{peft, Checkpoint};
-use adapterkit_ops::{ExecOptions, OutDType, Output, Sharding, WeightedAdapter};
+use adapterkit_ops::{Direction, ExecOptions, OutDType, Output, Sharding, WeightedAdapter};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
@@ -27,6 +27,8 @@ struct Cli {
 enum Command {
     /// Merge one or more adapters into a base checkpoint, streaming, in one pass.
     Merge(MergeArgs),
+    /// Take adapters back out of a merged checkpoint (the exact inverse of `merge`).
+    Unmerge(MergeArgs),
     /// Describe a base checkpoint, an adapter or a safetensors file.
     Inspect(InspectArgs),
     /// Compare two checkpoints tensor by tensor (names, shapes, dtypes, largest differences).
@@ -50,7 +52,8 @@ struct DiffArgs {
 
 #[derive(clap::Args, Debug)]
 struct MergeArgs {
-    /// Base checkpoint: a Hugging Face model directory or a .safetensors file.
+    /// Base checkpoint (for `unmerge`: the merged checkpoint): a Hugging Face model directory or
+    /// a .safetensors file.
     base: PathBuf,
     /// PEFT adapter directories (adapter_config.json + adapter_model.safetensors).
     #[arg(required = true)]
@@ -138,7 +141,7 @@ fn parse_size(s: &str) -> Result<u64> {
     Ok(v as u64)
 }
 
-fn run_merge(a: MergeArgs) -> Result<()> {
+fn run_merge(a: MergeArgs, direction: Direction) -> Result<()> {
     let out_dtype = parse_dtype(&a.dtype)?;
     let sharding = match &a.shard_size {
         Some(s) => Sharding::MaxBytes(parse_size(s)?),
@@ -197,7 +200,14 @@ fn run_merge(a: MergeArgs) -> Result<()> {
             .max(1),
     };
     let started = std::time::Instant::now();
-    let plan = adapterkit_ops::plan(base.root(), &base, base.tensors(), adapters, out_dtype)?;
+    let plan = adapterkit_ops::plan_direction(
+        base.root(),
+        &base,
+        base.tensors(),
+        adapters,
+        out_dtype,
+        direction,
+    )?;
     let report = with_progress(!a.json, plan.out_bytes(), |progress| {
         let opts = ExecOptions { progress, ..opts };
         adapterkit_ops::execute(&base, &plan, &output, &opts)
@@ -218,8 +228,10 @@ fn run_merge(a: MergeArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
-            "merged {} adapter(s) into {}: {} tensors ({} merged, {} converted, {} copied), {} in {:.2}s",
+            "{} {} adapter(s) {} {}: {} tensors ({} changed, {} converted, {} copied), {} in {:.2}s",
+            if direction == Direction::Merge { "merged" } else { "unmerged" },
             a.adapters.len(),
+            if direction == Direction::Merge { "into" } else { "out of" },
             a.output.display(),
             report.tensors,
             report.merged,
@@ -271,7 +283,8 @@ fn with_progress<T>(show: bool, total: u64, work: impl FnOnce(Option<Arc<AtomicU
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Merge(a) => run_merge(a),
+        Command::Merge(a) => run_merge(a, Direction::Merge),
+        Command::Unmerge(a) => run_merge(a, Direction::Unmerge),
         Command::Inspect(a) => inspect::run(&a.path, a.json),
         Command::Diff(a) => diff::run(&a.a, &a.b, a.tolerance, a.json),
     };

@@ -2,10 +2,11 @@
 //! rows in f32. Every family compiles to these few primitives: a low-rank update (with DoRA), a
 //! dense addition, a scaling along an axis, a replacement.
 
+use crate::error::Error;
 use crate::error::Result;
 use crate::families;
 use crate::kernels::{add_low_rank, low_rank_row, transpose};
-use crate::plan::{NormAxis, OpSpec, Orientation, Plan, PlannedTensor};
+use crate::plan::{Direction, NormAxis, OpSpec, Orientation, Plan, PlannedTensor};
 
 /// An operation with its adapter tensors loaded as f32.
 pub(crate) enum Prepared {
@@ -45,6 +46,92 @@ pub(crate) enum Prepared {
         r: usize,
         weight: f32,
     },
+    /// The inverse of a MiSS "bat" merge: `T = (T' − B_a)·(I + B_a)⁻¹` per tile.
+    MissBatInverse {
+        blocks: Vec<f32>,
+        inverses: Vec<f32>,
+        r: usize,
+    },
+}
+
+/// The inverse of one merge operation (the planner refused the ones that have none).
+fn invert(p: Prepared, tensor: &str) -> Result<Prepared> {
+    Ok(match p {
+        Prepared::LowRank {
+            mut l,
+            r,
+            rank,
+            weight,
+            dora: None,
+        } => {
+            l.iter_mut().for_each(|x| *x = -*x);
+            Prepared::LowRank {
+                l,
+                r,
+                rank,
+                weight,
+                dora: None,
+            }
+        }
+        Prepared::Add { delta, factor } => Prepared::Add {
+            delta,
+            factor: -factor,
+        },
+        Prepared::Scale {
+            s,
+            axis,
+            repeat,
+            weight,
+        } => {
+            let mut inv = Vec::with_capacity(s.len());
+            for (i, v) in s.iter().enumerate() {
+                let f = 1.0 + weight * (v - 1.0);
+                if f.is_nan() || f.abs() <= 1e-6 {
+                    return Err(Error::IllConditioned {
+                        tensor: tensor.to_string(),
+                        message: format!(
+                            "the IA3 scale of element {i} is {f}: the merge zeroed that row or column and it cannot be recovered"
+                        ),
+                    });
+                }
+                inv.push(1.0 / f);
+            }
+            Prepared::Scale {
+                s: inv,
+                axis,
+                repeat,
+                weight: 1.0,
+            }
+        }
+        Prepared::Transform {
+            t,
+            transposed,
+            weight,
+        } => Prepared::Transform {
+            t: t.inverse(),
+            transposed,
+            weight,
+        },
+        Prepared::MissBat { blocks, r, .. } => {
+            let mut inverses = Vec::with_capacity(blocks.len());
+            for (a, b) in blocks.chunks_exact(r * r).enumerate() {
+                let m: Vec<f64> = (0..r * r)
+                    .map(|k| b[k] as f64 + if k / r == k % r { 1.0 } else { 0.0 })
+                    .collect();
+                let inv = families::invert_square(&m, r).ok_or_else(|| Error::IllConditioned {
+                    tensor: tensor.to_string(),
+                    message: format!("I + B for MiSS block {a} is singular"),
+                })?;
+                inverses.extend(inv.iter().map(|&x| x as f32));
+            }
+            Prepared::MissBatInverse {
+                blocks,
+                inverses,
+                r,
+            }
+        }
+        other => other,
+    })
 }
 
 pub(crate) fn prepare(plan: &Plan, t: &PlannedTensor) -> Result<Vec<Prepared>> {
@@ -193,6 +280,9 @@ pub(crate) fn prepare(plan: &Plan, t: &PlannedTensor) -> Result<Vec<Prepared>> {
             },
         });
     }
+    if plan.direction == Direction::Unmerge {
+        return out.into_iter().map(|p| invert(p, &t.source.name)).collect();
+    }
     Ok(out)
 }
 
@@ -273,6 +363,31 @@ pub(crate) fn apply_ops(
     for (op, norm) in ops.iter().zip(&norms) {
         match op {
             Prepared::Replace { .. } | Prepared::ReplaceRows { .. } => {}
+            Prepared::MissBatInverse {
+                blocks,
+                inverses,
+                r,
+            } => {
+                let r = *r;
+                let mut t = vec![0f32; r * r];
+                for a in 0..rows / r {
+                    let b = &blocks[a * r * r..(a + 1) * r * r];
+                    let inv = &inverses[a * r * r..(a + 1) * r * r];
+                    for c in 0..cols / r {
+                        for i in 0..r {
+                            for j in 0..r {
+                                t[i * r + j] = w[(a * r + i) * cols + c * r + j] - b[i * r + j];
+                            }
+                        }
+                        for i in 0..r {
+                            for j in 0..r {
+                                w[(a * r + i) * cols + c * r + j] =
+                                    (0..r).map(|k| t[i * r + k] * inv[k * r + j]).sum();
+                            }
+                        }
+                    }
+                }
+            }
             Prepared::MissBat { blocks, r, weight } => {
                 // Whole tensor: tile (a, c) of size r×r becomes T + w·(T·B_a + B_a).
                 let r = *r;

@@ -44,6 +44,14 @@ pub enum Error {
         /// Index of the first one.
         first: usize,
     },
+    /// An unmerge whose inverse does not exist or is numerically meaningless.
+    #[error("cannot unmerge {tensor:?}: {message}")]
+    IllConditioned {
+        /// The tensor.
+        tensor: String,
+        /// Why.
+        message: String,
+    },
     /// Invalid options (weights count, output path).
     #[error("{0}")]
     Options(String),

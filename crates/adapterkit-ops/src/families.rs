@@ -326,6 +326,46 @@ pub enum RowTransform {
 }
 
 impl RowTransform {
+    /// The inverse transform: blocks inverted, reflections in reverse order, butterfly factors
+    /// reversed and inverted, output scaling inverted.
+    pub fn inverse(&self) -> RowTransform {
+        // True inverses, not transposes: PEFT's default Cayley–Neumann series is only nearly
+        // orthogonal. A singular block (impossible for a Cayley transform) falls back to the
+        // transpose.
+        let transpose_blocks = |blocks: &[f32], b: usize| -> Vec<f32> {
+            blocks
+                .chunks_exact(b * b)
+                .flat_map(|blk| {
+                    let m: Vec<f64> = blk.iter().map(|&x| x as f64).collect();
+                    match invert_square(&m, b) {
+                        Some(inv) => inv.into_iter().map(|x| x as f32).collect::<Vec<f32>>(),
+                        None => (0..b * b).map(|k| blk[(k % b) * b + k / b]).collect(),
+                    }
+                })
+                .collect()
+        };
+        match self {
+            RowTransform::Blocks { b, blocks, shared } => RowTransform::Blocks {
+                b: *b,
+                blocks: transpose_blocks(blocks, *b),
+                shared: *shared,
+            },
+            RowTransform::Reflections { n, us } => RowTransform::Reflections {
+                n: *n,
+                us: us.chunks_exact(*n).rev().flatten().copied().collect(),
+            },
+            RowTransform::Butterfly { b, factors, scale } => RowTransform::Butterfly {
+                b: *b,
+                factors: factors
+                    .iter()
+                    .rev()
+                    .map(|(p, blocks)| (p.clone(), transpose_blocks(blocks, *b)))
+                    .collect(),
+                scale: scale.iter().map(|s| 1.0 / s).collect(),
+            },
+        }
+    }
+
     /// A per-output scaling applied after the transform (BOFT's `boft_s`).
     pub fn output_scale(&self) -> Option<&[f32]> {
         match self {
@@ -436,6 +476,13 @@ fn solve(mut a: Vec<f64>, mut rhs: Vec<f64>, n: usize) -> Option<Vec<f64>> {
         }
     }
     Some(rhs)
+}
+
+/// The inverse of a square `n×n` matrix, or `None` when singular.
+pub fn invert_square(m: &[f64], n: usize) -> Option<Vec<f64>> {
+    let mut eye = vec![0f64; n * n];
+    (0..n).for_each(|i| eye[i * n + i] = 1.0);
+    solve(m.to_vec(), eye, n)
 }
 
 /// One OFT rotation from a packed strict upper triangle, as PEFT's `_cayley_batch` builds it.

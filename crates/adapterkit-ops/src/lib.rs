@@ -14,7 +14,7 @@ pub mod torch_rng;
 
 pub use error::{Error, Problem, Result};
 pub use execute::{execute, ExecOptions, MergeReport, Output, Sharding};
-pub use plan::{plan, OutDType, Plan, WeightedAdapter};
+pub use plan::{plan, plan_direction, Direction, OutDType, Plan, WeightedAdapter};
 
 use adapterkit_formats::Checkpoint;
 

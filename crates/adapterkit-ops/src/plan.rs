@@ -199,6 +199,18 @@ pub struct Plan {
     pub tensors: Vec<PlannedTensor>,
     /// The adapters, indexed by the ops.
     pub adapters: Vec<WeightedAdapter>,
+    /// Whether the plan merges adapters in or takes them back out.
+    pub direction: Direction,
+}
+
+/// Merge adapters into a base, or take them out of a merged checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Direction {
+    /// `W ← f(W)`.
+    #[default]
+    Merge,
+    /// `W ← f⁻¹(W)`, adapters undone in reverse order.
+    Unmerge,
 }
 
 impl Plan {
@@ -229,6 +241,28 @@ pub fn plan<'a>(
     base_tensors: impl IntoIterator<Item = &'a TensorInfo>,
     adapters: Vec<WeightedAdapter>,
     out_dtype: OutDType,
+) -> Result<Plan> {
+    plan_direction(
+        base_path,
+        base,
+        base_tensors,
+        adapters,
+        out_dtype,
+        Direction::Merge,
+    )
+}
+
+/// Like [`plan`], for `direction`. An unmerge takes the adapters out of `base` (a merged
+/// checkpoint) in reverse order; updates that destroy information are refused: replacements
+/// (the original tensor is gone), DoRA (the merged rows have the magnitude's norm whatever the
+/// original norms were) and weighted rotations.
+pub fn plan_direction<'a>(
+    base_path: &Path,
+    base: &dyn TensorSource,
+    base_tensors: impl IntoIterator<Item = &'a TensorInfo>,
+    adapters: Vec<WeightedAdapter>,
+    out_dtype: OutDType,
+    direction: Direction,
 ) -> Result<Plan> {
     let mut problems = Vec::new();
     if let OutDType::Fixed(d) = out_dtype {
@@ -796,6 +830,29 @@ pub fn plan<'a>(
         // Within the merge: every replacement first (it becomes the layer the adapters were
         // trained on), then the updates in adapter order.
         o.sort_by_key(|op| !matches!(op, OpSpec::Replace { .. } | OpSpec::ReplaceRows { .. }));
+        if direction == Direction::Unmerge {
+            for op in &o {
+                let (adapter, why) = match op {
+                    OpSpec::Replace { adapter, .. } | OpSpec::ReplaceRows { adapter, .. } => {
+                        (*adapter, "the adapter replaces this tensor (modules_to_save, saved embeddings, LN tuning, trainable tokens), so the original values are not in the merged file".to_string())
+                    }
+                    OpSpec::LowRank { adapter, magnitude: Some(_), .. } => (
+                        *adapter,
+                        "DoRA rescales each merged row to its magnitude vector, so the original row norms cannot be recovered from the merged weight".to_string(),
+                    ),
+                    OpSpec::Transform { adapter, weight, .. } | OpSpec::MissBat { adapter, weight, .. } if *weight != 1.0 => {
+                        (*adapter, format!("a rotation merged at weight {weight} is not undone exactly by this version; unmerge it at weight 1"))
+                    }
+                    _ => continue,
+                };
+                problems.push(problem(
+                    &adapters[adapter].adapter.path,
+                    &t.name,
+                    format!("cannot unmerge: {why}"),
+                ));
+            }
+            o.reverse();
+        }
         let out = match out_dtype {
             OutDType::Fixed(d) if t.dtype.is_float() => d,
             _ => t.dtype,
@@ -816,5 +873,9 @@ pub fn plan<'a>(
     if !problems.is_empty() {
         return Err(Error::Validation(problems));
     }
-    Ok(Plan { tensors, adapters })
+    Ok(Plan {
+        tensors,
+        adapters,
+        direction,
+    })
 }
