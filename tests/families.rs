@@ -164,3 +164,69 @@ fn unmerge_inverts_every_invertible_family() {
         ],
     );
 }
+
+/// The newer tuners (fixtures/peft_more, made by its generate.py with PEFT 0.21.2): the ones
+/// adapterkit merges must match PEFT; the others must be refused with the reason.
+#[test]
+fn newer_peft_tuners_match_or_are_refused_with_a_reason() {
+    let refused_by_design = [
+        "llama_waveft",
+        "llama_waveft_db2",
+        "llama_osf",
+        "llama_frod",
+        "llama_glora",
+        "llama_glora_vec",
+        "llama_unilora_noidx",
+        "llama_tinylora",
+        "llama_psoft",
+        "llama_peanut",
+        "llama_supertuning",
+        "llama_supertuning_noidx",
+        "llama_deft",
+        "llama_deft_qr",
+        "llama_deft_para",
+        "llama_randlora_noproj",
+    ];
+    let mut failures = Vec::new();
+    for c in manifest("peft_more") {
+        let name = c["name"].as_str().unwrap().to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("m.safetensors");
+        let o = run_case("peft_more", &c, &out);
+        if refused_by_design.contains(&name.as_str()) {
+            let err = String::from_utf8_lossy(&o.stderr).to_string();
+            if o.status.success()
+                || err.contains("panicked")
+                || out.exists()
+                || !err.starts_with("error: ")
+            {
+                failures.push(format!("{name}: expected a clean refusal, got: {err}"));
+            }
+            continue;
+        }
+        let result = std::panic::catch_unwind(|| {
+            ok(&o);
+            let f = SafetensorsFile::open(&out).unwrap();
+            let names: Vec<String> = f.tensors().iter().map(|t| t.name.clone()).collect();
+            assert_close(
+                &f,
+                &names,
+                &fixtures("peft_more").join(c["expected"].as_str().unwrap()),
+                1e-5,
+            );
+        });
+        if let Err(e) = result {
+            let msg = e.downcast_ref::<String>().cloned().unwrap_or_default();
+            failures.push(format!(
+                "{name}: {}",
+                msg.lines().take(4).collect::<Vec<_>>().join(" | ")
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}

@@ -43,6 +43,9 @@ pub enum Family {
     Miss,
     /// VB-LoRA: low-rank factors assembled from a shared vector bank.
     VbLora,
+    /// One of PEFT's newer tuners (RandLoRA, SHiRA, C3A, RoAd, DeLoRA, GraLoRA, PVeRA, BEFT,
+    /// UniLoRA, HiRA), by its lowercase PEFT type.
+    Tuner(&'static str),
 }
 
 impl Family {
@@ -63,6 +66,7 @@ impl Family {
             Family::Boft => "boft",
             Family::Miss => "miss",
             Family::VbLora => "vblora",
+            Family::Tuner(name) => name,
         }
     }
 }
@@ -245,6 +249,34 @@ pub struct VbLora {
     pub fan_in_fan_out: bool,
 }
 
+/// A newer PEFT tuner's module: see [`Payload::Tuner`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tuner {
+    /// The PEFT type (`"RANDLORA"`, `"SHIRA"`, …).
+    pub method: String,
+    /// `(role, tensor name)`, roles being PEFT's key suffixes (`"shira_weight"`) or shared names.
+    pub tensors: Vec<(String, String)>,
+    /// Numbers from the config (`"scale"`, `"group_size"`, …).
+    pub params: Vec<(String, f64)>,
+    /// Whether the stored weight is `(in, out)`.
+    pub fan_in_fan_out: bool,
+}
+
+impl Tuner {
+    /// The tensor playing `role`.
+    pub fn tensor(&self, role: &str) -> Option<&str> {
+        self.tensors
+            .iter()
+            .find(|(r, _)| r == role)
+            .map(|(_, n)| n.as_str())
+    }
+
+    /// The parameter `name`.
+    pub fn param(&self, name: &str) -> Option<f64> {
+        self.params.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+}
+
 /// An HRA update: `W' = W · H`, `H = Π_i (I − 2 u_i u_iᵀ)` over the normalised columns of `u`, or
 /// `I − 2UUᵀ` after Gram–Schmidt.
 #[derive(Debug, Clone, PartialEq)]
@@ -348,6 +380,9 @@ pub enum Payload {
     },
     /// VB-LoRA.
     VbLora(VbLora),
+    /// One of PEFT's newer tuners: its tensors by role (the suffix PEFT saves them under) and
+    /// the config numbers its math needs. The math lives with the executor's family code.
+    Tuner(Tuner),
     /// Replace rows `indices` of an embedding with the rows of `tensor`.
     ReplaceRows {
         /// `(len(indices), dim)` replacement rows.
@@ -386,6 +421,7 @@ impl Payload {
             Payload::Fourier { spectrum, .. } => vec![spectrum.as_str()],
             Payload::Butterfly { r, s, .. } => vec![r.as_str(), s.as_str()],
             Payload::Miss { block, .. } => vec![block.as_str()],
+            Payload::Tuner(t) => t.tensors.iter().map(|(_, n)| n.as_str()).collect(),
             Payload::VbLora(v) => {
                 let mut out = Vec::new();
                 for l in [&v.a, &v.b] {
@@ -446,6 +482,7 @@ impl Payload {
             Payload::Fourier { .. } => "fourierft",
             Payload::Butterfly { .. } => "boft",
             Payload::Miss { .. } => "miss",
+            Payload::Tuner(_) => "tuner",
             Payload::VbLora(_) => "vblora",
             Payload::Householder(_) => "hra",
         }

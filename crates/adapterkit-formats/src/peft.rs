@@ -554,8 +554,13 @@ pub fn open(path: &Path) -> Result<PeftAdapter> {
         "VBLORA" => Family::VbLora,
         "LN_TUNING" => Family::LnTuning,
         "TRAINABLE_TOKENS" => Family::TrainableTokens,
+        t if crate::peft_families::tuner_family(t).is_some() => {
+            crate::peft_families::tuner_family(t).expect("checked")
+        }
         _ => {
-            let reason = if PROMPT_LEARNING_TYPES.contains(&peft_type.as_str()) {
+            let reason = if let Some(why) = crate::peft_families::refusal_reason(&peft_type) {
+                why.to_string()
+            } else if PROMPT_LEARNING_TYPES.contains(&peft_type.as_str()) {
                 "a prompt-learning method: it adds virtual tokens at run time and has no weights that can be merged".to_string()
             } else {
                 "this version of adapterkit does not read this method yet (see the README for the supported list)"

@@ -35,7 +35,7 @@ fn group<'a>(
     sorted.sort_by_key(|r| std::cmp::Reverse(r.len()));
     for t in file.tensors() {
         // Index tensors (VB-LoRA's saved top-k) are integers; everything else is floating point.
-        let index_tensor = t.name.ends_with("_indices") && t.dtype.is_integer();
+        let index_tensor = t.name.contains("indices") && t.dtype.is_integer();
         if !t.dtype.is_float() && !index_tensor {
             problems.push(format!(
                 "tensor {:?}: dtype {} is not a floating-point type",
@@ -100,6 +100,7 @@ pub fn build(
         Family::VbLora => vblora(cfg, json, file, &mut problems),
         Family::LnTuning => ln_tuning(cfg, file, &mut problems),
         Family::TrainableTokens => trainable_tokens(path, json, file, &mut problems)?,
+        Family::Tuner(name) => tuner(name, cfg, json, file, &mut problems),
         other => {
             return Err(Error::UnsupportedPeftType {
                 path: path.to_path_buf(),
@@ -470,6 +471,11 @@ pub fn shared_tensors(family: Family) -> Vec<String> {
     match family {
         Family::Vera => vec!["base_model.vera_A".into(), "base_model.vera_B".into()],
         Family::VbLora => vec!["base_model.vblora_vector_bank".into()],
+        Family::Tuner(name) => TUNERS
+            .iter()
+            .find(|t| t.family == name)
+            .map(|t| t.shared.iter().map(|s| s.to_string()).collect())
+            .unwrap_or_default(),
         _ => vec![],
     }
 }
@@ -934,4 +940,252 @@ pub fn rows_module(
             indices,
         },
     }
+}
+
+/// What the reader needs to know about one of PEFT's newer tuners.
+struct TunerSpec {
+    /// PEFT type.
+    peft_type: &'static str,
+    /// Family name.
+    family: &'static str,
+    /// Per-module key suffixes; the first is required and identifies a module.
+    roles: &'static [&'static str],
+    /// Model-level shared tensors (full key names).
+    shared: &'static [&'static str],
+    /// Whether the payload targets the module's bias instead of its weight.
+    bias: bool,
+}
+
+const TUNERS: &[TunerSpec] = &[
+    TunerSpec {
+        peft_type: "RANDLORA",
+        family: "randlora",
+        roles: &[
+            "randlora_lambda",
+            "randlora_gamma",
+            "randlora_A",
+            "randlora_B",
+        ],
+        shared: &["base_model.randlora_A", "base_model.randlora_B"],
+        bias: false,
+    },
+    TunerSpec {
+        peft_type: "SHIRA",
+        family: "shira",
+        roles: &["shira_weight", "shira_indices"],
+        shared: &[],
+        bias: false,
+    },
+    TunerSpec {
+        peft_type: "C3A",
+        family: "c3a",
+        roles: &["c3a_kernel"],
+        shared: &[],
+        bias: false,
+    },
+    TunerSpec {
+        peft_type: "ROAD",
+        family: "road",
+        roles: &["road_theta", "road_alpha"],
+        shared: &[],
+        bias: false,
+    },
+    TunerSpec {
+        peft_type: "DELORA",
+        family: "delora",
+        roles: &["delora_A", "delora_B", "delora_lambda", "delora_w_norm"],
+        shared: &[],
+        bias: false,
+    },
+    TunerSpec {
+        peft_type: "GRALORA",
+        family: "gralora",
+        roles: &[
+            "gralora_A",
+            "gralora_B",
+            "gralora_A_general.weight",
+            "gralora_B_general.weight",
+        ],
+        shared: &[],
+        bias: false,
+    },
+    TunerSpec {
+        peft_type: "PVERA",
+        family: "pvera",
+        roles: &["pvera_lambda_b", "pvera_lambda_d"],
+        shared: &["base_model.pvera_A", "base_model.pvera_B"],
+        bias: false,
+    },
+    TunerSpec {
+        peft_type: "BEFT",
+        family: "beft",
+        roles: &["beft_bias"],
+        shared: &[],
+        bias: true,
+    },
+    TunerSpec {
+        peft_type: "UNILORA",
+        family: "unilora",
+        roles: &[
+            "unilora_indices_A",
+            "unilora_indices_B",
+            "unilora_scales_A",
+            "unilora_scales_B",
+        ],
+        shared: &["base_model.unilora_theta_d"],
+        bias: false,
+    },
+    TunerSpec {
+        peft_type: "HIRA",
+        family: "hira",
+        roles: &["hira_A", "hira_B", "hira_embedding_A", "hira_embedding_B"],
+        shared: &[],
+        bias: false,
+    },
+];
+
+/// The family of a newer PEFT tuner adapterkit merges, if it is one.
+pub fn tuner_family(peft_type: &str) -> Option<Family> {
+    TUNERS
+        .iter()
+        .find(|t| t.peft_type == peft_type)
+        .map(|t| Family::Tuner(t.family))
+}
+
+/// Why adapterkit does not merge a PEFT type that PEFT itself can merge (or cannot), if known.
+pub fn refusal_reason(peft_type: &str) -> Option<&'static str> {
+    Some(match peft_type {
+        "WAVEFT" => "WaveFT's inverse wavelet transform over seeded coefficient locations is not implemented yet",
+        "OSF" => "OSF recomputes its frozen factors from an SVD of the base weight, which this version does not do",
+        "FROD" => "FRoD recomputes U from the base weight with a float64 solve, not implemented yet",
+        "GLORA" => "GLoRA's merged bias depends on the weight (b + b⊙D + E + W·C), which this streaming version does not combine",
+        "TINYLORA" => "TinyLoRA's layer-to-group mapping depends on the model's module order, which the files do not record",
+        "PSOFT" => "PSOFT rebuilds its frame from an SVD of the base weight whose signs LAPACK chooses: the result is not reproducible",
+        "PEANUT" => "PEANuT's update is a non-linear network of the base weight, not implemented yet",
+        "DEFT" => "DEFT's update depends on a QR of its factor with LAPACK's sign convention and on the base weight, not implemented yet",
+        "SUPERTUNING" => "SuperTuning's scatter positions come from top-k of the base weight when not saved; not implemented yet",
+        "ADAMSS" => "AdaMSS needs scikit-learn's clustering and its row-to-subspace assignment is not saved",
+        "LILY" | "POLY" | "XLORA" => "the update depends on the input through a learned router, so it cannot be folded into the weights",
+        "SHADOW" => "SHADOW adds a side network at run time and has no mergeable weights",
+        "CARTRIDGE" => "a prompt-learning method (a trained KV cache): nothing to merge into the weights",
+        _ => return None,
+    })
+}
+
+fn tuner(
+    name: &'static str,
+    cfg: &LoraConfig,
+    json: &Value,
+    file: &SafetensorsFile,
+    problems: &mut Vec<String>,
+) -> Vec<ModuleAdapter> {
+    let spec = TUNERS
+        .iter()
+        .find(|t| t.family == name)
+        .expect("tuner families come from TUNERS");
+    let (mut groups, full) = group(file, spec.roles, problems);
+    // Model-level shared tensors (`base_model.randlora_A`) are not a module's.
+    groups.retain(|_, parts| {
+        !parts
+            .values()
+            .all(|t| spec.shared.contains(&t.name.as_str()))
+    });
+    for s in spec.shared {
+        if file.tensors().iter().all(|t| t.name != *s) {
+            let why = if spec.peft_type == "RANDLORA" || spec.peft_type == "PVERA" {
+                " (saved with save_projection=False: the random bases are not in the file; save it again with save_projection=True)"
+            } else if spec.peft_type == "UNILORA" {
+                ""
+            } else {
+                ""
+            };
+            problems.push(format!("the shared tensor {s:?} is missing{why}"));
+        }
+    }
+    let num = |k: &str| json.get(k).and_then(Value::as_f64);
+    let mut out = Vec::new();
+    for (module, parts) in groups {
+        // HiRA saves embeddings under hira_embedding_*; everything else needs its first role.
+        let first = if parts.contains_key("hira_embedding_A") {
+            "hira_embedding_A"
+        } else {
+            spec.roles[0]
+        };
+        if !parts.contains_key(first) {
+            problems.push(format!(
+                "module {module:?}: {} tensor {first} is missing",
+                spec.peft_type
+            ));
+            continue;
+        }
+        if spec.peft_type == "UNILORA" && !parts.contains_key("unilora_indices_A") {
+            problems.push(format!("module {module:?}: UniLoRA saved without save_indices=True: its indices are drawn from numpy's PCG64 in the model's module order, which adapterkit does not reproduce"));
+            continue;
+        }
+        if !selected(cfg, &module, problems) {
+            continue;
+        }
+        let mut tensors: Vec<(String, String)> = parts
+            .iter()
+            .map(|(r, t)| (r.to_string(), t.name.clone()))
+            .collect();
+        tensors.extend(spec.shared.iter().map(|s| (s.to_string(), s.to_string())));
+        let mut params = Vec::new();
+        match spec.peft_type {
+            "RANDLORA" => params.push((
+                "scale".into(),
+                num("randlora_alpha").unwrap_or(640.0) / cfg.r.max(1) as f64,
+            )),
+            "GRALORA" => {
+                let hybrid = num("hybrid_r").unwrap_or(0.0);
+                params.push((
+                    "scale".into(),
+                    num("alpha").unwrap_or(64.0) / (cfg.r as f64 + hybrid),
+                ));
+                params.push(("k".into(), num("gralora_k").unwrap_or(2.0)));
+            }
+            "PVERA" => params.push(("r".into(), cfg.r as f64)),
+            "ROAD" => {
+                params.push(("group_size".into(), num("group_size").unwrap_or(64.0)));
+                let variant = match json
+                    .get("variant")
+                    .and_then(Value::as_str)
+                    .unwrap_or("road_1")
+                {
+                    "road_1" => 1.0,
+                    "road_2" => 2.0,
+                    "road_4" => 4.0,
+                    other => {
+                        problems.push(format!("module {module:?}: unknown RoAd variant {other:?}"));
+                        continue;
+                    }
+                };
+                params.push(("variant".into(), variant));
+            }
+            _ => {}
+        }
+        let target = if spec.bias {
+            format!("{module}.bias")
+        } else {
+            format!("{module}.weight")
+        };
+        out.push(ModuleAdapter {
+            target,
+            module,
+            family: Family::Tuner(spec.family),
+            payload: Payload::Tuner(adapterkit_core::ir::Tuner {
+                method: spec.peft_type.to_string(),
+                tensors,
+                params,
+                fan_in_fan_out: cfg.fan_in_fan_out,
+            }),
+        });
+    }
+    out.extend(replacements(
+        full.into_iter()
+            .filter(|(t, _)| !spec.shared.contains(&t.name.as_str()))
+            .collect(),
+        Family::Tuner(spec.family),
+    ));
+    out
 }

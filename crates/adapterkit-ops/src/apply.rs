@@ -46,6 +46,18 @@ pub(crate) enum Prepared {
         r: usize,
         weight: f32,
     },
+    /// `W ← W + weight·(W ⊙ M)`.
+    Mul {
+        m: Vec<f32>,
+        weight: f32,
+    },
+    /// `W ← W + weight·(R·W − W)`, `R[i,i] = c1[i]`, `R[i, i±h] = ∓c2[i]` within groups.
+    RowMix {
+        c1: Vec<f32>,
+        c2: Vec<f32>,
+        group: usize,
+        weight: f32,
+    },
     /// The inverse of a MiSS "bat" merge: `T = (T' − B_a)·(I + B_a)⁻¹` per tile.
     MissBatInverse {
         blocks: Vec<f32>,
@@ -130,7 +142,36 @@ fn invert(p: Prepared, tensor: &str) -> Result<Prepared> {
                 r,
             }
         }
-        other => other,
+        Prepared::Mul { m, weight } => {
+            // W' = W ⊙ (1 + w·M)  ⇒  W = W' ⊙ (1 / (1 + w·M)) = W' + W' ⊙ m'.
+            let mut inv = Vec::with_capacity(m.len());
+            for (i, v) in m.iter().enumerate() {
+                let f = 1.0 + weight * v;
+                if f.is_nan() || f.abs() <= 1e-6 {
+                    return Err(Error::IllConditioned {
+                        tensor: tensor.to_string(),
+                        message: format!(
+                            "the multiplicative factor of element {i} is {f}: the merge zeroed it"
+                        ),
+                    });
+                }
+                inv.push(1.0 / f - 1.0);
+            }
+            Prepared::Mul {
+                m: inv,
+                weight: 1.0,
+            }
+        }
+        Prepared::LowRank { dora: Some(_), .. }
+        | Prepared::Replace { .. }
+        | Prepared::ReplaceRows { .. }
+        | Prepared::RowMix { .. }
+        | Prepared::MissBatInverse { .. } => {
+            return Err(Error::IllConditioned {
+                tensor: tensor.to_string(),
+                message: "this update has no inverse in this version".into(),
+            })
+        }
     })
 }
 
@@ -247,6 +288,42 @@ pub(crate) fn prepare(plan: &Plan, t: &PlannedTensor) -> Result<Vec<Prepared>> {
                 transposed: *transposed,
                 weight: *weight,
             },
+            OpSpec::DenseMul {
+                adapter,
+                payload,
+                fan_in_fan_out,
+                weight,
+            } => {
+                let src = plan.adapters[*adapter].adapter.tensors.as_ref();
+                let (out_dim, in_dim) = if *fan_in_fan_out {
+                    (cols, rows)
+                } else {
+                    (rows, cols)
+                };
+                let m = families::dense_delta(src, payload, out_dim, in_dim)?;
+                Prepared::Mul {
+                    m: if *fan_in_fan_out {
+                        transpose(&m, cols, rows)
+                    } else {
+                        m
+                    },
+                    weight: *weight,
+                }
+            }
+            OpSpec::RowMix {
+                adapter,
+                payload,
+                weight,
+            } => {
+                let src = plan.adapters[*adapter].adapter.tensors.as_ref();
+                let (c1, c2, group) = families::road_coefficients(src, payload)?;
+                Prepared::RowMix {
+                    c1,
+                    c2,
+                    group,
+                    weight: *weight,
+                }
+            }
             OpSpec::ReplaceRows {
                 adapter,
                 tensor,
@@ -363,6 +440,32 @@ pub(crate) fn apply_ops(
     for (op, norm) in ops.iter().zip(&norms) {
         match op {
             Prepared::Replace { .. } | Prepared::ReplaceRows { .. } => {}
+            Prepared::Mul { m, weight } => {
+                for (x, f) in w.iter_mut().zip(&m[row0 * cols..(row0 + rows) * cols]) {
+                    *x += weight * *x * f;
+                }
+            }
+            Prepared::RowMix {
+                c1,
+                c2,
+                group,
+                weight,
+            } => {
+                // A vector (the bias) mixes its elements; a matrix mixes its rows.
+                let (n, width) = if rows == 1 { (cols, 1) } else { (rows, cols) };
+                let h = group / 2;
+                let old = w.to_vec();
+                for i in 0..n {
+                    let p = i % group;
+                    let j = if p < h { i + h } else { i - h };
+                    let s = if p < h { -c2[i] } else { c2[i] };
+                    for k in 0..width {
+                        let mixed = c1[i] * old[i * width + k] + s * old[j * width + k];
+                        w[i * width + k] =
+                            old[i * width + k] + weight * (mixed - old[i * width + k]);
+                    }
+                }
+            }
             Prepared::MissBatInverse {
                 blocks,
                 inverses,

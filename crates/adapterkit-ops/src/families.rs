@@ -4,7 +4,7 @@
 //! (Householder reflections). Each returns `ΔW` as a row-major
 //! `(out, in·k…)` matrix in PEFT's orientation, already scaled. Formulas: `formats/peft.md`.
 
-use adapterkit_core::ir::{Cayley, KronFactor, MissMode, Payload, VbLogits};
+use adapterkit_core::ir::{Cayley, KronFactor, MissMode, Payload, Tuner, VbLogits};
 use adapterkit_core::TensorSource;
 
 use crate::error::{Error, Result};
@@ -98,6 +98,7 @@ pub fn dense_delta(
     in_dim: usize,
 ) -> Result<Vec<f32>> {
     match payload {
+        Payload::Tuner(t) => tuner_delta(src, t, out_dim, in_dim),
         Payload::Miss { block, mode } => {
             let d = dims(src, block)?;
             let bv = src.read_f32(block)?;
@@ -708,4 +709,249 @@ mod tests {
             }
         }
     }
+}
+
+fn role<'a>(t: &'a Tuner, role: &str) -> Result<&'a str> {
+    t.tensor(role)
+        .ok_or_else(|| Error::Options(format!("{}: tensor {role} missing", t.method)))
+}
+
+/// `ΔW` (or HiRA's `M`) of one of PEFT's newer tuners, `(out, in)` in PEFT's orientation.
+fn tuner_delta(
+    src: &dyn TensorSource,
+    t: &Tuner,
+    out_dim: usize,
+    in_dim: usize,
+) -> Result<Vec<f32>> {
+    let read = |r: &str| -> Result<Vec<f32>> { src.read_f32(role(t, r)?).map_err(Error::from) };
+    let shape = |r: &str| -> Result<Vec<usize>> { dims(src, role(t, r)?) };
+    let mut delta = vec![0f32; out_dim * in_dim];
+    match t.method.as_str() {
+        "SHIRA" => {
+            // W[rows, cols] += values (scaling 1).
+            let w = read("shira_weight")?;
+            let idx = read("shira_indices")?;
+            let n = w.len();
+            for k in 0..n {
+                let (r, c) = (idx[k] as usize, idx[n + k] as usize);
+                if r >= out_dim || c >= in_dim {
+                    return Err(Error::Options(format!(
+                        "SHiRA index ({r}, {c}) is outside the {out_dim}×{in_dim} weight"
+                    )));
+                }
+                delta[r * in_dim + c] += w[k];
+            }
+        }
+        "C3A" => {
+            // Block-circulant: ΔW[p·b+n, q·b+k] = K[p, q, (k − n) mod b] / in.
+            let d = shape("c3a_kernel")?;
+            let kv = read("c3a_kernel")?;
+            let (mo, ni, b) = (d[0], d[1], d[2]);
+            for p in 0..mo {
+                for q in 0..ni {
+                    for n in 0..b {
+                        for k in 0..b {
+                            delta[(p * b + n) * in_dim + q * b + k] =
+                                kv[(p * ni + q) * b + (k + b - n) % b] / in_dim as f32;
+                        }
+                    }
+                }
+            }
+        }
+        "DELORA" => {
+            // ΔW = (B · diag(λ/r / (‖A_k‖·‖B_k‖)) · A) ⊙ w_norm[None, :], norms clamped at 1e-4.
+            let (a, b) = (read("delora_A")?, read("delora_B")?);
+            let lam = read("delora_lambda")?[0];
+            let wn = read("delora_w_norm")?;
+            let r = shape("delora_A")?[0];
+            let mut bs = b.clone();
+            for k in 0..r {
+                let an = a[k * in_dim..(k + 1) * in_dim]
+                    .iter()
+                    .map(|x| x * x)
+                    .sum::<f32>()
+                    .sqrt()
+                    .max(1e-4);
+                let bn = (0..out_dim)
+                    .map(|o| b[o * r + k] * b[o * r + k])
+                    .sum::<f32>()
+                    .sqrt()
+                    .max(1e-4);
+                let f = lam / r as f32 / (an * bn);
+                (0..out_dim).for_each(|o| bs[o * r + k] *= f);
+            }
+            delta = matmul(&bs, &a, out_dim, r, in_dim);
+            for row in delta.chunks_exact_mut(in_dim) {
+                row.iter_mut().zip(&wn).for_each(|(x, n)| *x *= n);
+            }
+        }
+        "GRALORA" => {
+            // A (k, in/k, r), B (k, r, out/k): block (out j, in n) = (A[n][:, j·r/k..] · B[j][n·r/k.., :])ᵀ.
+            let (a, b) = (read("gralora_A")?, read("gralora_B")?);
+            let ad = shape("gralora_A")?;
+            let k = ad[0];
+            let r = ad[2];
+            let (ib, ob, sr) = (in_dim / k, out_dim / k, r / k);
+            for n in 0..k {
+                for j in 0..k {
+                    for x in 0..ib {
+                        for y in 0..ob {
+                            let v: f32 = (0..sr)
+                                .map(|q| {
+                                    a[(n * ib + x) * r + j * sr + q]
+                                        * b[(j * r + n * sr + q) * ob + y]
+                                })
+                                .sum();
+                            delta[(j * ob + y) * in_dim + n * ib + x] = v;
+                        }
+                    }
+                }
+            }
+            if let (Some(ag), Some(bg)) = (
+                t.tensor("gralora_A_general.weight"),
+                t.tensor("gralora_B_general.weight"),
+            ) {
+                let hr = dims(src, ag)?[0];
+                let g = matmul(&src.read_f32(bg)?, &src.read_f32(ag)?, out_dim, hr, in_dim);
+                delta.iter_mut().zip(&g).for_each(|(x, y)| *x += y);
+            }
+            let s = t.param("scale").unwrap_or(1.0) as f32;
+            delta.iter_mut().for_each(|x| *x *= s);
+        }
+        "PVERA" => {
+            // Only the mean half: (λ_b ⊙ B[:out]) · (λ_d[:r] ⊙ A[:r, :in]).
+            let r = t.param("r").unwrap_or(0.0) as usize;
+            let (a, b) = (read("base_model.pvera_A")?, read("base_model.pvera_B")?);
+            let (ad, bd) = (shape("base_model.pvera_A")?, shape("base_model.pvera_B")?);
+            let (lb, ld) = (read("pvera_lambda_b")?, read("pvera_lambda_d")?);
+            let l: Vec<f32> = (0..out_dim * r)
+                .map(|x| lb[x / r] * b[(x / r) * bd[1] + x % r])
+                .collect();
+            let rm: Vec<f32> = (0..r * in_dim)
+                .map(|x| ld[x / in_dim] * a[(x / in_dim) * ad[1] + x % in_dim])
+                .collect();
+            delta = matmul(&l, &rm, out_dim, r, in_dim);
+        }
+        "UNILORA" => {
+            // A = θ[idx_A] ⊙ s_A (r×in), B = θ[idx_B] ⊙ s_B (out×r).
+            let theta = read("base_model.unilora_theta_d")?;
+            let gather = |i: &str, s: &str| -> Result<Vec<f32>> {
+                let idx = read(i)?;
+                let sc = read(s)?;
+                idx.iter()
+                    .zip(&sc)
+                    .map(|(&k, &f)| {
+                        theta.get(k as usize).map(|v| v * f).ok_or_else(|| {
+                            Error::Options(format!("UniLoRA index {k} is outside theta_d"))
+                        })
+                    })
+                    .collect()
+            };
+            let a = gather("unilora_indices_A", "unilora_scales_A")?;
+            let b = gather("unilora_indices_B", "unilora_scales_B")?;
+            let r = shape("unilora_indices_A")?[0];
+            delta = matmul(&b, &a, out_dim, r, in_dim);
+        }
+        "HIRA" => {
+            // M = B·A (linear; conv via the flattened kernel; embeddings (B_e·A_e)ᵀ).
+            if let (Some(a), Some(b)) = (t.tensor("hira_embedding_A"), t.tensor("hira_embedding_B"))
+            {
+                let (av, bv) = (src.read_f32(a)?, src.read_f32(b)?);
+                let r = dims(src, a)?[0];
+                let m = matmul(&bv, &av, in_dim, r, out_dim);
+                delta = crate::kernels::transpose(&m, in_dim, out_dim);
+            } else {
+                let (a, b) = (read("hira_A")?, read("hira_B")?);
+                let r = shape("hira_A")?[0];
+                delta = matmul(&b, &a, out_dim, r, in_dim);
+            }
+        }
+        "RANDLORA" => {
+            // UA[j] = λ[j/nb, j%nb] · A[j/nb, 0, :mn] ⊙ γ[j%nb]; UB[:, j] = B[:mx, j/r, j%r];
+            // M = UB·UA (mx×mn), ΔW = s·M, transposed when mn is the output side.
+            let a_name = t
+                .tensor("randlora_A")
+                .or(t.tensor("base_model.randlora_A"))
+                .unwrap_or_default();
+            let b_name = t
+                .tensor("randlora_B")
+                .or(t.tensor("base_model.randlora_B"))
+                .unwrap_or_default();
+            let (a, b) = (src.read_f32(a_name)?, src.read_f32(b_name)?);
+            let (ad, bd) = (dims(src, a_name)?, dims(src, b_name)?);
+            let (lam, gam) = (read("randlora_lambda")?, read("randlora_gamma")?);
+            let ld = shape("randlora_lambda")?;
+            let (r, nb) = (ld[0], ld[1]);
+            let (mn, mx) = (out_dim.min(in_dim), out_dim.max(in_dim));
+            let mut m = vec![0f32; mx * mn];
+            for j in 0..r * nb {
+                let (ri, bi) = (j / nb, j % nb);
+                let (bb, br) = (j / r, j % r);
+                for c in 0..mn {
+                    let ua = lam[ri * nb + bi] * a[ri * ad[1] * ad[2] + c] * gam[bi * mn + c];
+                    if ua == 0.0 {
+                        continue;
+                    }
+                    for row in 0..mx {
+                        m[row * mn + c] += b[(row * bd[1] + bb) * bd[2] + br] * ua;
+                    }
+                }
+            }
+            let s = t.param("scale").unwrap_or(1.0) as f32;
+            if mn == in_dim {
+                delta = m.iter().map(|x| x * s).collect();
+            } else {
+                delta = crate::kernels::transpose(&m, mx, mn)
+                    .iter()
+                    .map(|x| x * s)
+                    .collect();
+            }
+        }
+        other => return Err(Error::Options(format!("no dense form for {other}"))),
+    }
+    Ok(delta)
+}
+
+/// RoAd's rotation coefficients: `c1`, `c2` per output and the group size.
+pub fn road_coefficients(
+    src: &dyn TensorSource,
+    payload: &Payload,
+) -> Result<(Vec<f32>, Vec<f32>, usize)> {
+    let Payload::Tuner(t) = payload else {
+        return Err(Error::Options("not a RoAd payload".into()));
+    };
+    let theta = src.read_f32(role(t, "road_theta")?)?;
+    let alpha = src.read_f32(role(t, "road_alpha")?)?;
+    let gs = t.param("group_size").unwrap_or(64.0) as usize;
+    let h = gs / 2;
+    let (c1, c2): (Vec<f32>, Vec<f32>) = match t.param("variant").unwrap_or(1.0) as u32 {
+        // road_1: one (θ, α) per pair, shared by both rows of the pair.
+        1 => {
+            let rep = |v: &[f32]| -> Vec<f32> {
+                v.chunks(h.max(1))
+                    .flat_map(|c| c.iter().chain(c.iter()).copied())
+                    .collect()
+            };
+            let (t2, a2) = (rep(&theta), rep(&alpha));
+            (
+                t2.iter().zip(&a2).map(|(t, a)| a * t.cos()).collect(),
+                t2.iter().zip(&a2).map(|(t, a)| a * t.sin()).collect(),
+            )
+        }
+        2 => (
+            theta.iter().zip(&alpha).map(|(t, a)| a * t.cos()).collect(),
+            theta.iter().zip(&alpha).map(|(t, a)| a * t.sin()).collect(),
+        ),
+        _ => {
+            // road_4: per group, the first half of θ/α gives c1, the second c2.
+            let mut c1 = Vec::new();
+            let mut c2 = Vec::new();
+            for (tg, ag) in theta.chunks(2 * gs).zip(alpha.chunks(2 * gs)) {
+                c1.extend((0..gs).map(|i| ag[i] * tg[i].cos()));
+                c2.extend((0..gs).map(|i| ag[gs + i] * tg[gs + i].sin()));
+            }
+            (c1, c2)
+        }
+    };
+    Ok((c1, c2, gs))
 }

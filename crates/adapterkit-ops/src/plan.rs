@@ -81,6 +81,26 @@ pub enum OpSpec {
         /// Merge weight.
         weight: f32,
     },
+    /// `W ← W + weight·(W ⊙ M)` with `M` built from the payload (HiRA).
+    DenseMul {
+        /// Index of the adapter.
+        adapter: usize,
+        /// The payload to build `M` from.
+        payload: Payload,
+        /// Whether the stored tensor is `(in, out)`.
+        fan_in_fan_out: bool,
+        /// Merge weight.
+        weight: f32,
+    },
+    /// RoAd: mix pairs of rows `h = group/2` apart, `W ← R · W` (also for the bias).
+    RowMix {
+        /// Index of the adapter.
+        adapter: usize,
+        /// The payload.
+        payload: Payload,
+        /// Merge weight.
+        weight: f32,
+    },
     /// MiSS "bat": every `r×r` tile `T` of row block `i` becomes `T + w·(T·B_i + B_i)`.
     MissBat {
         /// Index of the adapter.
@@ -163,6 +183,7 @@ impl OpSpec {
                 transposed: true,
                 ..
             } | OpSpec::MissBat { .. }
+                | OpSpec::RowMix { .. }
         )
     }
 }
@@ -809,6 +830,72 @@ pub fn plan_direction<'a>(
                         weight,
                     }
                 }
+                Payload::Tuner(t) => {
+                    let dims = |role: &str| t.tensor(role).and_then(ainfo).map(|i| i.shape);
+                    let (rows, cols) = info.rows_cols();
+                    let (out_dim, in_dim) = if t.fan_in_fan_out {
+                        (cols, rows)
+                    } else {
+                        (rows, cols)
+                    };
+                    let fits = match t.method.as_str() {
+                        "BEFT" => dims("beft_bias")
+                            .is_some_and(|d| d.iter().product::<u64>() == info.numel()),
+                        "SHIRA" => info.shape.len() == 2,
+                        "C3A" => dims("c3a_kernel").is_some_and(|d| {
+                            d.len() == 3 && d[0] * d[2] == out_dim && d[1] * d[2] == in_dim
+                        }),
+                        "ROAD" => info.shape.len() == 2 && !t.fan_in_fan_out,
+                        "HIRA" => info.shape.len() >= 2,
+                        _ => info.shape.len() == 2,
+                    };
+                    if !fits {
+                        problems.push(problem(
+                            file,
+                            &m.target,
+                            format!(
+                                "shape mismatch: the {} tensors do not fit the base tensor {:?}",
+                                t.method, info.shape
+                            ),
+                        ));
+                        continue;
+                    }
+                    match t.method.as_str() {
+                        "BEFT" => OpSpec::Add {
+                            adapter: ai,
+                            tensor: t.tensor("beft_bias").unwrap_or_default().to_string(),
+                            scale: 1.0,
+                            weight,
+                        },
+                        "HIRA" => OpSpec::DenseMul {
+                            adapter: ai,
+                            payload: m.payload.clone(),
+                            fan_in_fan_out: t.fan_in_fan_out,
+                            weight,
+                        },
+                        "ROAD" => {
+                            let bias = format!("{}.bias", m.module);
+                            if base.info(&bias).is_some_and(|b| b.numel() == out_dim) {
+                                ops.entry(bias).or_default().push(OpSpec::RowMix {
+                                    adapter: ai,
+                                    payload: m.payload.clone(),
+                                    weight,
+                                });
+                            }
+                            OpSpec::RowMix {
+                                adapter: ai,
+                                payload: m.payload.clone(),
+                                weight,
+                            }
+                        }
+                        _ => OpSpec::Dense {
+                            adapter: ai,
+                            payload: m.payload.clone(),
+                            fan_in_fan_out: t.fan_in_fan_out,
+                            weight,
+                        },
+                    }
+                }
                 other => {
                     problems.push(problem(
                         file,
@@ -840,6 +927,7 @@ pub fn plan_direction<'a>(
                         *adapter,
                         "DoRA rescales each merged row to its magnitude vector, so the original row norms cannot be recovered from the merged weight".to_string(),
                     ),
+                    OpSpec::RowMix { adapter, .. } => (*adapter, "RoAd's row rotations are not inverted by this version".to_string()),
                     OpSpec::Transform { adapter, weight, .. } | OpSpec::MissBat { adapter, weight, .. } if *weight != 1.0 => {
                         (*adapter, format!("a rotation merged at weight {weight} is not undone exactly by this version; unmerge it at weight 1"))
                     }
