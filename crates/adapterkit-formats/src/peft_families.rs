@@ -1094,8 +1094,6 @@ fn tuner(
         if file.tensors().iter().all(|t| t.name != *s) {
             let why = if spec.peft_type == "RANDLORA" || spec.peft_type == "PVERA" {
                 " (saved with save_projection=False: the random bases are not in the file; save it again with save_projection=True)"
-            } else if spec.peft_type == "UNILORA" {
-                ""
             } else {
                 ""
             };
