@@ -674,43 +674,6 @@ pub fn butterfly_perm(n: usize, blocks: usize, r: usize, n_butterfly_factor: usi
     idx
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn butterfly_permutations_match_peft() {
-        // peft 0.21.2 BOFTLayer.block_butterfly_perm(n, b, r, n_butterfly_factor).
-        assert_eq!(butterfly_perm(16, 4, 2, 1), (0..16).collect::<Vec<_>>());
-        assert_eq!(butterfly_perm(32, 8, 2, 2), (0..32).collect::<Vec<_>>());
-        assert_eq!(
-            butterfly_perm(32, 4, 2, 2),
-            vec![
-                0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15, 16, 17, 20, 21, 18, 19, 22,
-                23, 24, 25, 28, 29, 26, 27, 30, 31
-            ]
-        );
-        assert_eq!(butterfly_perm(8, 2, 2, 0), (0..8).collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn cayley_paths_are_orthogonal_and_transposed() {
-        let packed = [0.03f32, -0.02, 0.05, 0.01, -0.04, 0.02];
-        let b = 4;
-        let exact = cayley_block(&packed, b, Cayley::Exact).unwrap();
-        let series = cayley_block(&packed, b, Cayley::Neumann(30)).unwrap();
-        for i in 0..b {
-            for j in 0..b {
-                // RᵀR = I.
-                let d: f64 = (0..b).map(|k| exact[k * b + i] * exact[k * b + j]).sum();
-                assert!((d - if i == j { 1.0 } else { 0.0 }).abs() < 1e-12);
-                // The series converges to the transpose of the exact path.
-                assert!((series[i * b + j] - exact[j * b + i]).abs() < 1e-9);
-            }
-        }
-    }
-}
-
 fn role<'a>(t: &'a Tuner, role: &str) -> Result<&'a str> {
     t.tensor(role)
         .ok_or_else(|| Error::Options(format!("{}: tensor {role} missing", t.method)))
@@ -954,4 +917,41 @@ pub fn road_coefficients(
         }
     };
     Ok((c1, c2, gs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn butterfly_permutations_match_peft() {
+        // peft 0.21.2 BOFTLayer.block_butterfly_perm(n, b, r, n_butterfly_factor).
+        assert_eq!(butterfly_perm(16, 4, 2, 1), (0..16).collect::<Vec<_>>());
+        assert_eq!(butterfly_perm(32, 8, 2, 2), (0..32).collect::<Vec<_>>());
+        assert_eq!(
+            butterfly_perm(32, 4, 2, 2),
+            vec![
+                0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15, 16, 17, 20, 21, 18, 19, 22,
+                23, 24, 25, 28, 29, 26, 27, 30, 31
+            ]
+        );
+        assert_eq!(butterfly_perm(8, 2, 2, 0), (0..8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn cayley_paths_are_orthogonal_and_transposed() {
+        let packed = [0.03f32, -0.02, 0.05, 0.01, -0.04, 0.02];
+        let b = 4;
+        let exact = cayley_block(&packed, b, Cayley::Exact).unwrap();
+        let series = cayley_block(&packed, b, Cayley::Neumann(30)).unwrap();
+        for i in 0..b {
+            for j in 0..b {
+                // RᵀR = I.
+                let d: f64 = (0..b).map(|k| exact[k * b + i] * exact[k * b + j]).sum();
+                assert!((d - if i == j { 1.0 } else { 0.0 }).abs() < 1e-12);
+                // The series converges to the transpose of the exact path.
+                assert!((series[i * b + j] - exact[j * b + i]).abs() < 1e-9);
+            }
+        }
+    }
 }
