@@ -12,20 +12,10 @@ use crate::error::{Error, Result};
 /// A VB-LoRA selection: bank vector indices and their weights.
 type Selection = (Vec<usize>, Vec<f32>);
 
-/// `a (m×k) · b (k×n)`, row-major.
+/// `a (m×k) · b (k×n)`, row-major, through the register-tiled low-rank kernel.
 fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     let mut c = vec![0f32; m * n];
-    for i in 0..m {
-        let row = &mut c[i * n..(i + 1) * n];
-        for p in 0..k {
-            let x = a[i * k + p];
-            if x != 0.0 {
-                for (y, z) in row.iter_mut().zip(&b[p * n..(p + 1) * n]) {
-                    *y += x * z;
-                }
-            }
-        }
-    }
+    crate::kernels::add_low_rank(&mut c, n, a, b, k);
     c
 }
 
