@@ -170,8 +170,6 @@ fn unmerge_inverts_every_invertible_family() {
 #[test]
 fn newer_peft_tuners_match_or_are_refused_with_a_reason() {
     let refused_by_design = [
-        "llama_waveft",
-        "llama_waveft_db2",
         "llama_osf",
         "llama_frod",
         "llama_glora",

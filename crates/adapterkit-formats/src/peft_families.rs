@@ -1036,6 +1036,13 @@ const TUNERS: &[TunerSpec] = &[
         bias: false,
     },
     TunerSpec {
+        peft_type: "WAVEFT",
+        family: "waveft",
+        roles: &["waveft_spectrum"],
+        shared: &[],
+        bias: false,
+    },
+    TunerSpec {
         peft_type: "HIRA",
         family: "hira",
         roles: &["hira_A", "hira_B", "hira_embedding_A", "hira_embedding_B"],
@@ -1055,7 +1062,6 @@ pub fn tuner_family(peft_type: &str) -> Option<Family> {
 /// Why adapterkit does not merge a PEFT type that PEFT itself can merge (or cannot), if known.
 pub fn refusal_reason(peft_type: &str) -> Option<&'static str> {
     Some(match peft_type {
-        "WAVEFT" => "WaveFT's inverse wavelet transform over seeded coefficient locations is not implemented yet",
         "OSF" => "OSF recomputes its frozen factors from an SVD of the base weight, which this version does not do",
         "FROD" => "FRoD recomputes U from the base weight with a float64 solve, not implemented yet",
         "GLORA" => "GLoRA's merged bias depends on the weight (b + b⊙D + E + W·C), which this streaming version does not combine",
@@ -1143,6 +1149,31 @@ fn tuner(
                 params.push(("k".into(), num("gralora_k").unwrap_or(2.0)));
             }
             "PVERA" => params.push(("r".into(), cfg.r as f64)),
+            "WAVEFT" => {
+                params.push(("scaling".into(), num("scaling").unwrap_or(25.0)));
+                params.push(("seed".into(), num("random_loc_seed").unwrap_or(777.0)));
+                params.push((
+                    "idwt".into(),
+                    if json_bool(json, "use_idwt", true) {
+                        1.0
+                    } else {
+                        0.0
+                    },
+                ));
+                let taps = match json
+                    .get("wavelet_family")
+                    .and_then(Value::as_str)
+                    .unwrap_or("db1")
+                {
+                    "db1" | "haar" => 2.0,
+                    "db2" => 4.0,
+                    other => {
+                        problems.push(format!("module {module:?}: WaveFT wavelet {other:?} is not supported (db1, db2)"));
+                        continue;
+                    }
+                };
+                params.push(("taps".into(), taps));
+            }
             "ROAD" => {
                 params.push(("group_size".into(), num("group_size").unwrap_or(64.0)));
                 let variant = match json

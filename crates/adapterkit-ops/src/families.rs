@@ -860,7 +860,105 @@ fn tuner_delta(
                     .collect();
             }
         }
+        "WAVEFT" => {
+            delta = waveft_delta(src, t, out_dim, in_dim)?;
+        }
         other => return Err(Error::Options(format!("no dense form for {other}"))),
+    }
+    Ok(delta)
+}
+
+/// Daubechies scaling filters: db1 (Haar) and db2.
+const DB1: [f64; 2] = [
+    std::f64::consts::FRAC_1_SQRT_2,
+    std::f64::consts::FRAC_1_SQRT_2,
+];
+const DB2: [f64; 4] = [
+    0.482_962_913_144_534_1,
+    0.836_516_303_737_807_9,
+    0.224_143_868_042_013_4,
+    -0.129_409_522_551_260_4,
+];
+
+/// WaveFT: the spectrum sits at `torch.randperm(out·in, seed)[:n]` of a grid padded for the
+/// wavelet (db2 +2, rounded up to even, centred); the grid's quadrants are one level of
+/// approximation/detail coefficients; a single-level inverse 2-D DWT (stride-2 transposed
+/// convolution with the outer-product filters, cropped by `(2L−3)/2`) rebuilds the update, which
+/// is scaled and cropped back to `out × in`. Without `use_idwt` the spectrum is the update.
+fn waveft_delta(src: &dyn TensorSource, t: &Tuner, o: usize, i: usize) -> Result<Vec<f32>> {
+    let spec = src.read_f32(role(t, "waveft_spectrum")?)?;
+    let seed = t.param("seed").unwrap_or(777.0) as u64;
+    let scaling = t.param("scaling").unwrap_or(1.0);
+    let perm = crate::torch_rng::randperm((o * i) as u64, seed).ok_or_else(|| {
+        Error::Options(format!(
+            "WaveFT locations for {} elements are not reproducible",
+            o * i
+        ))
+    })?;
+    let mut delta = vec![0f32; o * i];
+    if t.param("idwt").unwrap_or(1.0) == 0.0 {
+        for (k, &idx) in perm[..spec.len()].iter().enumerate() {
+            delta[idx as usize] = (spec[k] as f64 * scaling) as f32;
+        }
+        return Ok(delta);
+    }
+    let c: &[f64] = if t.param("taps").unwrap_or(2.0) as usize == 4 {
+        &DB2
+    } else {
+        &DB1
+    };
+    let l = c.len();
+    let red = if l == 4 { 2 } else { 0 };
+    let (mut hp, mut wp) = (o + red, i + red);
+    hp += hp % 2;
+    wp += wp % 2;
+    let (ro, co) = ((hp - o) / 2, (wp - i) / 2);
+    let mut grid = vec![0f64; hp * wp];
+    for (k, &idx) in perm[..spec.len()].iter().enumerate() {
+        let (r, q) = (idx as usize / i, idx as usize % i);
+        grid[(r + ro) * wp + q + co] = spec[k] as f64;
+    }
+    let (h2, w2) = (hp / 2, wp / 2);
+    let hi: Vec<f64> = (0..l)
+        .map(|k| {
+            if k % 2 == 0 {
+                c[l - 1 - k]
+            } else {
+                -c[l - 1 - k]
+            }
+        })
+        .collect();
+    let (oh, ow) = (2 * (h2 - 1) + l, 2 * (w2 - 1) + l);
+    let mut out = vec![0f64; oh * ow];
+    // (quadrant row offset, column offset, row filter, column filter): cA, cH, cV, cD.
+    let quads: [(usize, usize, &[f64], &[f64]); 4] = [
+        (0, 0, c, c),
+        (0, w2, &hi, c),
+        (h2, 0, c, &hi),
+        (h2, w2, &hi, &hi),
+    ];
+    for (qr, qc, fa, fb) in quads {
+        for y in 0..h2 {
+            for x in 0..w2 {
+                let v = grid[(qr + y) * wp + qc + x];
+                if v == 0.0 {
+                    continue;
+                }
+                for a in 0..l {
+                    for b in 0..l {
+                        out[(a + 2 * y) * ow + b + 2 * x] += v * fa[a] * fb[b];
+                    }
+                }
+            }
+        }
+    }
+    let pad = (2 * l).saturating_sub(3) / 2;
+    let (rh, rw) = (oh - 2 * pad, ow - 2 * pad);
+    let (sr, sc) = ((rh - o) / 2, (rw - i) / 2);
+    for r in 0..o {
+        for q in 0..i {
+            delta[r * i + q] = (out[(pad + sr + r) * ow + pad + sc + q] * scaling) as f32;
+        }
     }
     Ok(delta)
 }
