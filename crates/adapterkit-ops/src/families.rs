@@ -220,30 +220,7 @@ pub fn dense_delta(
                     "{spectrum}: FourierFT locations for {total} elements are not reproducible"
                 ))
             })?;
-            // Re(ifft2(F))[p,q] = 1/(MN) Σ_k s_k cos(2π(p·u_k/M + q·v_k/N)), split into
-            // cos·cos − sin·sin: a rank-2n product of per-row and per-column tables.
-            let c = *scaling / (out_dim * in_dim) as f64;
-            let tau = std::f64::consts::TAU;
-            let mut l = vec![0f32; out_dim * 2 * n];
-            let mut rm = vec![0f32; 2 * n * in_dim];
-            for (k, &idx) in perm[..n].iter().enumerate() {
-                let (u, v) = (
-                    (idx / in_dim as u64) as usize,
-                    (idx % in_dim as u64) as usize,
-                );
-                let sk = s[k] as f64 * c;
-                for p in 0..out_dim {
-                    let a = tau * ((p * u) % out_dim) as f64 / out_dim as f64;
-                    l[p * 2 * n + k] = (a.cos() * sk) as f32;
-                    l[p * 2 * n + n + k] = (-a.sin() * sk) as f32;
-                }
-                for q in 0..in_dim {
-                    let b = tau * ((q * v) % in_dim) as f64 / in_dim as f64;
-                    rm[k * in_dim + q] = b.cos() as f32;
-                    rm[(n + k) * in_dim + q] = b.sin() as f32;
-                }
-            }
-            Ok(matmul(&l, &rm, out_dim, 2 * n, in_dim))
+            Ok(sparse_ifft2_real(&perm[..n], &s, out_dim, in_dim, *scaling))
         }
         Payload::Hadamard(h) => {
             let ((p1, ..), (p2, ..)) = match &h.cp {
@@ -866,6 +843,47 @@ fn tuner_delta(
         other => return Err(Error::Options(format!("no dense form for {other}"))),
     }
     Ok(delta)
+}
+
+/// `scaling · Re(ifft2(F))` for an `m × n` spectrum `F` that is zero but for `values` at the flat
+/// positions `positions` (torch's `ifft2`: `e^{+2πi…}` and a `1/(mn)` normalisation). Row
+/// transforms run only on the rows that hold a value, then one `m`-point transform per column;
+/// f64 throughout, `O(mn log m)`.
+pub fn sparse_ifft2_real(
+    positions: &[u64],
+    values: &[f32],
+    m: usize,
+    n: usize,
+    scaling: f64,
+) -> Vec<f32> {
+    use rustfft::num_complex::Complex64;
+    let mut planner = rustfft::FftPlanner::<f64>::new();
+    let row_fft = planner.plan_fft_inverse(n);
+    let col_fft = planner.plan_fft_inverse(m);
+    let mut rows: std::collections::BTreeMap<usize, Vec<Complex64>> =
+        std::collections::BTreeMap::new();
+    for (&pos, &v) in positions.iter().zip(values) {
+        let (u, w) = ((pos / n as u64) as usize, (pos % n as u64) as usize);
+        rows.entry(u)
+            .or_insert_with(|| vec![Complex64::new(0.0, 0.0); n])[w] += v as f64;
+    }
+    for row in rows.values_mut() {
+        row_fft.process(row);
+    }
+    let c = scaling / (m * n) as f64;
+    let mut out = vec![0f32; m * n];
+    let mut col = vec![Complex64::new(0.0, 0.0); m];
+    for q in 0..n {
+        col.iter_mut().for_each(|x| *x = Complex64::new(0.0, 0.0));
+        for (&u, row) in &rows {
+            col[u] = row[q];
+        }
+        col_fft.process(&mut col);
+        for (p, x) in col.iter().enumerate() {
+            out[p * n + q] = (x.re * c) as f32;
+        }
+    }
+    out
 }
 
 /// Daubechies scaling filters: db1 (Haar) and db2.
