@@ -5,7 +5,7 @@
 use crate::error::Error;
 use crate::error::Result;
 use crate::families;
-use crate::kernels::{add_low_rank, low_rank_row, transpose};
+use crate::kernels::{add_low_rank, transpose};
 use crate::plan::{Direction, NormAxis, OpSpec, Orientation, Plan, PlannedTensor};
 
 /// An operation with its adapter tensors loaded as f32.
@@ -403,6 +403,11 @@ pub(crate) fn apply_ops(
     }
     // DoRA norms are taken on the weight the adapters were trained on (after replacements,
     // before any update), as PEFT does when it merges several adapters into one layer.
+    // V = W₀ + ΔW through the tiled kernel on a copy, then its row or column norms.
+    let any_dora = ops
+        .iter()
+        .any(|op| matches!(op, Prepared::LowRank { dora: Some(_), .. }));
+    let snapshot: Vec<f32> = if any_dora { w.to_vec() } else { Vec::new() };
     let mut norms: Vec<Option<Vec<f32>>> = Vec::with_capacity(ops.len());
     for op in ops {
         norms.push(match op {
@@ -413,21 +418,23 @@ pub(crate) fn apply_ops(
                 dora: Some((_, axis)),
                 ..
             } => {
+                let mut v = snapshot.clone();
+                add_low_rank(
+                    &mut v,
+                    cols,
+                    &l[row0 * rank..(row0 + rows) * rank],
+                    r,
+                    *rank,
+                );
                 let mut acc = vec![0f64; if *axis == NormAxis::Rows { rows } else { cols }];
-                for i in 0..rows {
-                    low_rank_row(tmp, &l[(row0 + i) * rank..(row0 + i + 1) * rank], r);
-                    let wr = &w[i * cols..(i + 1) * cols];
+                for (i, row) in v.chunks_exact(cols).enumerate() {
                     match axis {
                         NormAxis::Rows => {
-                            acc[i] = wr
-                                .iter()
-                                .zip(tmp.iter())
-                                .map(|(a, d)| ((a + d) as f64).powi(2))
-                                .sum();
+                            acc[i] = row.iter().map(|&a| (a as f64) * (a as f64)).sum()
                         }
                         NormAxis::Cols => {
-                            for ((s, a), d) in acc.iter_mut().zip(wr).zip(tmp.iter()) {
-                                *s += ((a + d) as f64).powi(2);
+                            for (s, &a) in acc.iter_mut().zip(row) {
+                                *s += (a as f64) * (a as f64);
                             }
                         }
                     }
@@ -539,22 +546,7 @@ pub(crate) fn apply_ops(
                         }
                     }
                 } else {
-                    for (i, row) in w.chunks_exact_mut(cols).enumerate() {
-                        v.clear();
-                        v.extend_from_slice(row);
-                        t.apply(&mut v, tmp);
-                        if let Some(s) = t.output_scale() {
-                            let k = s[row0 + i];
-                            v.iter_mut().for_each(|x| *x *= k);
-                        }
-                        for (x, y) in row.iter_mut().zip(&v) {
-                            *x = if *weight == 1.0 {
-                                *y
-                            } else {
-                                *x + weight * (y - *x)
-                            };
-                        }
-                    }
+                    families::transform_rows(t, w, cols, row0, *weight);
                 }
             }
             Prepared::Scale {
@@ -603,20 +595,41 @@ pub(crate) fn apply_ops(
                 dora: Some((mag, axis)),
             } => {
                 let norm = norm.as_ref().expect("norm computed for every DoRA op");
-                for i in 0..rows {
-                    low_rank_row(tmp, &l[(row0 + i) * rank..(row0 + i + 1) * rank], r);
-                    let wr = &mut w[i * cols..(i + 1) * cols];
-                    for (j, (x, d)) in wr.iter_mut().zip(tmp.iter()).enumerate() {
-                        let f = match axis {
-                            NormAxis::Rows => mag[row0 + i] / norm[i],
-                            NormAxis::Cols => mag[j] / norm[j],
-                        };
-                        let merged = f * (*x + d);
-                        *x = if *weight == 1.0 {
-                            merged
-                        } else {
-                            *x + weight * (merged - *x)
-                        };
+                // V = W + ΔW on the current weight; W' = (m / ‖V₀‖) ⊙ V, blended by weight.
+                let mut v = w.to_vec();
+                add_low_rank(
+                    &mut v,
+                    cols,
+                    &l[row0 * rank..(row0 + rows) * rank],
+                    r,
+                    *rank,
+                );
+                for (i, (row, vrow)) in w
+                    .chunks_exact_mut(cols)
+                    .zip(v.chunks_exact(cols))
+                    .enumerate()
+                {
+                    match axis {
+                        NormAxis::Rows => {
+                            let f = mag[row0 + i] / norm[i];
+                            for (x, y) in row.iter_mut().zip(vrow) {
+                                *x = if *weight == 1.0 {
+                                    f * y
+                                } else {
+                                    *x + weight * (f * y - *x)
+                                };
+                            }
+                        }
+                        NormAxis::Cols => {
+                            for (j, (x, y)) in row.iter_mut().zip(vrow).enumerate() {
+                                let f = mag[j] / norm[j];
+                                *x = if *weight == 1.0 {
+                                    f * y
+                                } else {
+                                    *x + weight * (f * y - *x)
+                                };
+                            }
+                        }
                     }
                 }
             }

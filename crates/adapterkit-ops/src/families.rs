@@ -264,8 +264,8 @@ pub fn dense_delta(
 /// An orthogonal transform of input-space vectors, applied to one vector at a time.
 #[derive(Debug, Clone)]
 pub enum RowTransform {
-    /// Block-diagonal: each consecutive `b`-slice `x_k` becomes `R_k · x_k` (row-major blocks).
-    /// One block serves every slice when `shared`.
+    /// Block-diagonal: each consecutive `b`-slice `x_k` (a row vector) becomes `x_k · M_k`
+    /// (row-major `b×b` blocks). One block serves every slice when `shared`.
     Blocks {
         /// Block size.
         b: usize,
@@ -274,12 +274,13 @@ pub enum RowTransform {
         /// A single block for every slice.
         shared: bool,
     },
-    /// BOFT: for each factor in order, `x ← P · blockdiag(R) · Pᵀ · x`, then `x_i ← x_i · s` is
-    /// applied by the caller per output (see [`RowTransform::output_scale`]).
+    /// BOFT: for each factor in order, `x ← P · blockdiag(M) · Pᵀ` applied to the row vector `x`
+    /// (each slice times its block), then the caller scales per output (see
+    /// [`RowTransform::output_scale`]).
     Butterfly {
         /// Block size.
         b: usize,
-        /// Per factor: the permutation (`(P·x)[i] = x[perm[i]]`) and `(blocks, b, b)` rotations.
+        /// Per factor: the permutation (`(P·x)[i] = x[perm[i]]`) and `(blocks, b, b)` matrices.
         factors: Vec<(Vec<usize>, Vec<f32>)>,
         /// Output scaling, one per output unit.
         scale: Vec<f32>,
@@ -343,54 +344,45 @@ impl RowTransform {
     }
 
     /// Transform `x` in place; `tmp` is scratch.
+    #[inline(always)]
     pub fn apply(&self, x: &mut [f32], tmp: &mut Vec<f32>) {
         match self {
             RowTransform::Blocks { b, blocks, shared } => {
-                tmp.resize(*b, 0.0);
-                for (k, xs) in x.chunks_exact_mut(*b).enumerate() {
-                    let blk = if *shared {
+                let b = *b;
+                tmp.resize(b, 0.0);
+                for (k, xs) in x.chunks_exact_mut(b).enumerate() {
+                    let m = if *shared {
                         &blocks[..b * b]
                     } else {
                         &blocks[k * b * b..(k + 1) * b * b]
                     };
-                    for (j, t) in tmp.iter_mut().enumerate() {
-                        *t = blk[j * b..(j + 1) * b]
-                            .iter()
-                            .zip(xs.iter())
-                            .map(|(r, v)| r * v)
-                            .sum();
-                    }
-                    xs.copy_from_slice(&tmp[..*b]);
+                    vec_mat(xs, m, &mut tmp[..b]);
+                    xs.copy_from_slice(&tmp[..b]);
                 }
             }
             RowTransform::Butterfly { b, factors, .. } => {
-                tmp.resize(x.len(), 0.0);
+                let b = *b;
+                tmp.resize(x.len() + b, 0.0);
+                let (y, z) = tmp.split_at_mut(x.len());
                 for (perm, blocks) in factors {
                     // y = Pᵀ x: y[perm[i]] = x[i].
                     for (i, &p) in perm.iter().enumerate() {
-                        tmp[p] = x[i];
+                        y[p] = x[i];
                     }
-                    // z = blockdiag(R) y, written back into y's slices via x as scratch.
-                    for (k, ys) in tmp.chunks_exact(*b).enumerate() {
-                        let blk = &blocks[k * b * b..(k + 1) * b * b];
-                        for j in 0..*b {
-                            x[k * b + j] = blk[j * b..(j + 1) * b]
-                                .iter()
-                                .zip(ys)
-                                .map(|(r, v)| r * v)
-                                .sum();
-                        }
+                    // Each slice of y times its block.
+                    for (k, ys) in y.chunks_exact_mut(b).enumerate() {
+                        vec_mat(ys, &blocks[k * b * b..(k + 1) * b * b], &mut z[..b]);
+                        ys.copy_from_slice(&z[..b]);
                     }
-                    // x = P z: x[i] = z[perm[i]].
-                    tmp.copy_from_slice(x);
+                    // x = P y: x[i] = y[perm[i]].
                     for (i, &p) in perm.iter().enumerate() {
-                        x[i] = tmp[p];
+                        x[i] = y[p];
                     }
                 }
             }
             RowTransform::Reflections { n, us } => {
                 for u in us.chunks_exact(*n) {
-                    let d: f32 = x.iter().zip(u).map(|(a, b)| a * b).sum();
+                    let d = dot(x, u);
                     for (a, b) in x.iter_mut().zip(u) {
                         *a -= 2.0 * d * b;
                     }
@@ -444,6 +436,92 @@ fn solve(mut a: Vec<f64>, mut rhs: Vec<f64>, n: usize) -> Option<Vec<f64>> {
         }
     }
     Some(rhs)
+}
+
+/// `out = x · m` for a row vector `x` of length `b` and a row-major `b×b` matrix: a sum of the
+/// matrix's rows, which vectorises.
+#[inline(always)]
+fn vec_mat(x: &[f32], m: &[f32], out: &mut [f32]) {
+    let b = x.len();
+    out.fill(0.0);
+    for (i, &xi) in x.iter().enumerate() {
+        for (o, v) in out.iter_mut().zip(&m[i * b..(i + 1) * b]) {
+            *o += xi * v;
+        }
+    }
+}
+
+/// A dot product with 16 independent partial sums, so it vectorises.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut ca = a.chunks_exact(16);
+    let mut cb = b.chunks_exact(16);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for k in 0..16 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Transform every row of `w` (`cols` wide) in place: `w ← w + weight·(T(w) − w)`, each row
+/// then scaled by `T`'s output scale (rows `row0…`). Compiled for AVX-512 or AVX2 when the CPU
+/// has them.
+pub fn transform_rows(t: &RowTransform, w: &mut [f32], cols: usize, row0: usize, weight: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,fma")]
+        fn avx512(t: &RowTransform, w: &mut [f32], cols: usize, row0: usize, weight: f32) {
+            transform_rows_body(t, w, cols, row0, weight)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2(t: &RowTransform, w: &mut [f32], cols: usize, row0: usize, weight: f32) {
+            transform_rows_body(t, w, cols, row0, weight)
+        }
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU supports AVX-512F and FMA, checked just above.
+            return unsafe { avx512(t, w, cols, row0, weight) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            return unsafe { avx2(t, w, cols, row0, weight) };
+        }
+    }
+    transform_rows_body(t, w, cols, row0, weight)
+}
+
+#[inline(always)]
+fn transform_rows_body(t: &RowTransform, w: &mut [f32], cols: usize, row0: usize, weight: f32) {
+    let mut v = Vec::with_capacity(cols);
+    let mut tmp = Vec::new();
+    for (i, row) in w.chunks_exact_mut(cols).enumerate() {
+        v.clear();
+        v.extend_from_slice(row);
+        t.apply(&mut v, &mut tmp);
+        if let Some(s) = t.output_scale() {
+            let k = s[row0 + i];
+            v.iter_mut().for_each(|x| *x *= k);
+        }
+        if weight == 1.0 {
+            row.copy_from_slice(&v);
+        } else {
+            for (x, y) in row.iter_mut().zip(&v) {
+                *x += weight * (y - *x);
+            }
+        }
+    }
 }
 
 /// The inverse of a square `n×n` matrix, or `None` when singular.
@@ -527,8 +605,8 @@ pub fn row_transform(src: &dyn TensorSource, payload: &Payload, n: usize) -> Res
                     }
                 }
             }
-            // W' = W · Rᵀ: each input slice x_k becomes R_k · x_k. An embedding's rotation is
-            // applied as W · R, so there x_k becomes R_kᵀ · x_k.
+            // W' = W · Rᵀ: each input slice x_k becomes x_k · R_kᵀ; an embedding's rotation is
+            // applied as W · R, so there x_k · R_k.
             let mut blocks = Vec::with_capacity(stored * b * b);
             for g in v.chunks_exact(packed_len) {
                 let r = cayley_block(g, b, o.cayley).ok_or_else(|| {
@@ -538,9 +616,9 @@ pub fn row_transform(src: &dyn TensorSource, payload: &Payload, n: usize) -> Res
                     ))
                 })?;
                 if o.embedding {
-                    blocks.extend((0..b * b).map(|k| r[(k % b) * b + k / b] as f32));
-                } else {
                     blocks.extend(r.iter().map(|&x| x as f32));
+                } else {
+                    blocks.extend((0..b * b).map(|k| r[(k % b) * b + k / b] as f32));
                 }
             }
             Ok(RowTransform::Blocks {
@@ -567,7 +645,8 @@ pub fn row_transform(src: &dyn TensorSource, payload: &Payload, n: usize) -> Res
                     let q = cayley_block(&packed, b, Cayley::Exact).ok_or_else(|| {
                         Error::Options(format!("{r}: a BOFT block's Cayley transform is singular"))
                     })?;
-                    blocks.extend(q.iter().map(|&x| x as f32));
+                    // The column-vector block Q acts on the row vector as x · Qᵀ.
+                    blocks.extend((0..b * b).map(|k| q[(k % b) * b + k / b] as f32));
                 }
                 factors.push((perm, blocks));
             }
