@@ -1036,6 +1036,42 @@ const TUNERS: &[TunerSpec] = &[
         bias: false,
     },
     TunerSpec {
+        peft_type: "GLORA",
+        family: "glora",
+        roles: &[
+            "glora_A.Xd",
+            "glora_A.Xu",
+            "glora_A.X",
+            "glora_B.Xd",
+            "glora_B.Xu",
+            "glora_B.X",
+            "glora_C.Xd",
+            "glora_C.Xu",
+            "glora_C.X",
+            "glora_D.X",
+            "glora_E.X",
+            "glora_A.zeros",
+            "glora_B.zeros",
+            "glora_C.zeros",
+            "glora_D.zeros",
+            "glora_E.zeros",
+        ],
+        shared: &[],
+        bias: false,
+    },
+    TunerSpec {
+        peft_type: "SUPERTUNING",
+        family: "supertuning",
+        roles: &[
+            "supertuning_values",
+            "supertuning_indices",
+            "supertuning_lora_A.weight",
+            "supertuning_lora_B.weight",
+        ],
+        shared: &[],
+        bias: false,
+    },
+    TunerSpec {
         peft_type: "WAVEFT",
         family: "waveft",
         roles: &["waveft_spectrum"],
@@ -1064,12 +1100,10 @@ pub fn refusal_reason(peft_type: &str) -> Option<&'static str> {
     Some(match peft_type {
         "OSF" => "OSF recomputes its frozen factors from an SVD of the base weight, which this version does not do",
         "FROD" => "FRoD recomputes U from the base weight with a float64 solve, not implemented yet",
-        "GLORA" => "GLoRA's merged bias depends on the weight (b + b⊙D + E + W·C), which this streaming version does not combine",
         "TINYLORA" => "TinyLoRA's layer-to-group mapping depends on the model's module order, which the files do not record",
         "PSOFT" => "PSOFT rebuilds its frame from an SVD of the base weight whose signs LAPACK chooses: the result is not reproducible",
         "PEANUT" => "PEANuT's update is a non-linear network of the base weight, not implemented yet",
         "DEFT" => "DEFT's update depends on a QR of its factor with LAPACK's sign convention and on the base weight, not implemented yet",
-        "SUPERTUNING" => "SuperTuning's scatter positions come from top-k of the base weight when not saved; not implemented yet",
         "ADAMSS" => "AdaMSS needs scikit-learn's clustering and its row-to-subspace assignment is not saved",
         "LILY" | "POLY" | "XLORA" => "the update depends on the input through a learned router, so it cannot be folded into the weights",
         "SHADOW" => "SHADOW adds a side network at run time and has no mergeable weights",
@@ -1112,6 +1146,8 @@ fn tuner(
         // HiRA saves embeddings under hira_embedding_*; everything else needs its first role.
         let first = if parts.contains_key("hira_embedding_A") {
             "hira_embedding_A"
+        } else if spec.peft_type == "GLORA" {
+            parts.keys().next().copied().unwrap_or(spec.roles[0])
         } else {
             spec.roles[0]
         };
@@ -1149,6 +1185,23 @@ fn tuner(
                 params.push(("k".into(), num("gralora_k").unwrap_or(2.0)));
             }
             "PVERA" => params.push(("r".into(), cfg.r as f64)),
+            "SUPERTUNING" => {
+                let scale = if cfg.r > 0 {
+                    num("lora_alpha").unwrap_or(8.0) / cfg.r as f64
+                } else {
+                    0.0
+                };
+                params.push(("scale".into(), scale));
+                params.push(("sparsity".into(), num("sparsity").unwrap_or(0.9)));
+                params.push((
+                    "select_top".into(),
+                    if json_bool(json, "select_top", true) {
+                        1.0
+                    } else {
+                        0.0
+                    },
+                ));
+            }
             "WAVEFT" => {
                 params.push(("scaling".into(), num("scaling").unwrap_or(25.0)));
                 params.push(("seed".into(), num("random_loc_seed").unwrap_or(777.0)));

@@ -2,6 +2,8 @@
 //! rows in f32. Every family compiles to these few primitives: a low-rank update (with DoRA), a
 //! dense addition, a scaling along an axis, a replacement.
 
+use adapterkit_core::TensorSource;
+
 use crate::error::Error;
 use crate::error::Result;
 use crate::families;
@@ -44,6 +46,12 @@ pub(crate) enum Prepared {
     MissBat {
         blocks: Vec<f32>,
         r: usize,
+        weight: f32,
+    },
+    /// `W ← W + weight·(W ⊙ M + D)` (GLoRA).
+    MulAdd {
+        m: Vec<f32>,
+        d: Vec<f32>,
         weight: f32,
     },
     /// `W ← W + weight·(W ⊙ M)`.
@@ -166,6 +174,7 @@ fn invert(p: Prepared, tensor: &str) -> Result<Prepared> {
         | Prepared::Replace { .. }
         | Prepared::ReplaceRows { .. }
         | Prepared::RowMix { .. }
+        | Prepared::MulAdd { .. }
         | Prepared::MissBatInverse { .. } => {
             return Err(Error::IllConditioned {
                 tensor: tensor.to_string(),
@@ -175,7 +184,11 @@ fn invert(p: Prepared, tensor: &str) -> Result<Prepared> {
     })
 }
 
-pub(crate) fn prepare(plan: &Plan, t: &PlannedTensor) -> Result<Vec<Prepared>> {
+pub(crate) fn prepare(
+    plan: &Plan,
+    base: &dyn TensorSource,
+    t: &PlannedTensor,
+) -> Result<Vec<Prepared>> {
     let (rows, cols) = t.source.rows_cols();
     let (rows, cols) = (rows as usize, cols as usize);
     let mut out = Vec::with_capacity(t.ops.len());
@@ -263,7 +276,14 @@ pub(crate) fn prepare(plan: &Plan, t: &PlannedTensor) -> Result<Vec<Prepared>> {
                 } else {
                     (rows, cols)
                 };
-                let delta = families::dense_delta(src, payload, out_dim, in_dim)?;
+                // A few updates depend on the base weight itself (SuperTuning's positions when
+                // not saved): they get the original tensor.
+                let delta = if families::needs_base(payload) {
+                    let w0 = base.read_f32(&t.source.name)?;
+                    families::dense_delta_with_base(src, payload, out_dim, in_dim, &w0)?
+                } else {
+                    families::dense_delta(src, payload, out_dim, in_dim)?
+                };
                 let delta = if *fan_in_fan_out {
                     transpose(&delta, cols, rows)
                 } else {
@@ -307,6 +327,36 @@ pub(crate) fn prepare(plan: &Plan, t: &PlannedTensor) -> Result<Vec<Prepared>> {
                     } else {
                         m
                     },
+                    weight: *weight,
+                }
+            }
+            OpSpec::Glora {
+                adapter,
+                payload,
+                bias,
+                weight,
+            } => {
+                let src = plan.adapters[*adapter].adapter.tensors.as_ref();
+                let (m, d) = if *bias {
+                    // The bias's W·C uses the module's original weight.
+                    let weight_name = t
+                        .source
+                        .name
+                        .strip_suffix(".bias")
+                        .map(|m| format!("{m}.weight"))
+                        .unwrap_or_default();
+                    let winfo = base.info(&weight_name).ok_or_else(|| {
+                        Error::Options(format!("GLoRA: {weight_name} not in the base"))
+                    })?;
+                    let (o, i) = winfo.rows_cols();
+                    let w0 = base.read_f32(&weight_name)?;
+                    families::glora_bias(src, payload, &w0, o as usize, i as usize)?
+                } else {
+                    families::glora_weight(src, payload, rows, cols)?
+                };
+                Prepared::MulAdd {
+                    m,
+                    d,
                     weight: *weight,
                 }
             }
@@ -450,6 +500,12 @@ pub(crate) fn apply_ops(
             Prepared::Mul { m, weight } => {
                 for (x, f) in w.iter_mut().zip(&m[row0 * cols..(row0 + rows) * cols]) {
                     *x += weight * *x * f;
+                }
+            }
+            Prepared::MulAdd { m, d, weight } => {
+                let range = row0 * cols..(row0 + rows) * cols;
+                for ((x, f), a) in w.iter_mut().zip(&m[range.clone()]).zip(&d[range]) {
+                    *x += weight * (*x * f + a);
                 }
             }
             Prepared::RowMix {

@@ -357,7 +357,7 @@ pub fn execute(
                 } else {
                     let mut slot = cache[t].lock().unwrap_or_else(|e| e.into_inner());
                     if slot.is_none() {
-                        *slot = Some(Arc::new(prepare(plan, pt)?));
+                        *slot = Some(Arc::new(prepare(plan, base, pt)?));
                     }
                     slot.clone()
                 };

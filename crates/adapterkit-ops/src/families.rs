@@ -919,6 +919,10 @@ fn tuner_delta(
         "WAVEFT" => {
             delta = waveft_delta(src, t, out_dim, in_dim)?;
         }
+        "SUPERTUNING" => {
+            let idx = read("supertuning_indices")?;
+            delta = supertuning_delta(src, t, out_dim, in_dim, &idx)?;
+        }
         other => return Err(Error::Options(format!("no dense form for {other}"))),
     }
     Ok(delta)
@@ -1058,6 +1062,156 @@ fn waveft_delta(src: &dyn TensorSource, t: &Tuner, o: usize, i: usize) -> Result
         }
     }
     Ok(delta)
+}
+
+/// Whether a payload's update depends on the base weight itself (so the executor must hand it
+/// the original tensor).
+pub fn needs_base(payload: &Payload) -> bool {
+    matches!(payload, Payload::Tuner(t) if t.method == "SUPERTUNING" && t.tensor("supertuning_indices").is_none())
+}
+
+/// [`dense_delta`] for updates that depend on the original base weight `w0` (`out × in`).
+pub fn dense_delta_with_base(
+    src: &dyn TensorSource,
+    payload: &Payload,
+    out_dim: usize,
+    in_dim: usize,
+    w0: &[f32],
+) -> Result<Vec<f32>> {
+    match payload {
+        Payload::Tuner(t) if t.method == "SUPERTUNING" => {
+            // Positions not saved: PEFT takes torch.topk(|W|.flatten(), k, largest=select_top),
+            // sorted, and pairs the saved values with them in that order.
+            let k = (w0.len() as f64 * (1.0 - t.param("sparsity").unwrap_or(0.9))) as usize;
+            let largest = t.param("select_top").unwrap_or(1.0) != 0.0;
+            let mut idx: Vec<usize> = (0..w0.len()).collect();
+            let key = |i: &usize| w0[*i].abs();
+            if largest {
+                idx.sort_by(|a, b| key(b).total_cmp(&key(a)).then(a.cmp(b)));
+            } else {
+                idx.sort_by(|a, b| key(a).total_cmp(&key(b)).then(a.cmp(b)));
+            }
+            idx.truncate(k);
+            let idx: Vec<f32> = idx.into_iter().map(|i| i as f32).collect();
+            supertuning_delta(src, t, out_dim, in_dim, &idx)
+        }
+        other => dense_delta(src, other, out_dim, in_dim),
+    }
+}
+
+/// SuperTuning: the values scatter-added at flat positions, plus `(α/r)·B·A` when it has LoRA
+/// factors.
+fn supertuning_delta(
+    src: &dyn TensorSource,
+    t: &Tuner,
+    out_dim: usize,
+    in_dim: usize,
+    idx: &[f32],
+) -> Result<Vec<f32>> {
+    let vals = src.read_f32(role(t, "supertuning_values")?)?;
+    if vals.len() != idx.len() {
+        return Err(Error::Options(format!(
+            "SuperTuning: {} values for {} positions",
+            vals.len(),
+            idx.len()
+        )));
+    }
+    let mut delta = vec![0f32; out_dim * in_dim];
+    for (&i, &v) in idx.iter().zip(&vals) {
+        let i = i as usize;
+        if i >= delta.len() {
+            return Err(Error::Options(format!(
+                "SuperTuning position {i} is outside the {out_dim}×{in_dim} weight"
+            )));
+        }
+        delta[i] += v;
+    }
+    if let (Some(a), Some(b)) = (
+        t.tensor("supertuning_lora_A.weight"),
+        t.tensor("supertuning_lora_B.weight"),
+    ) {
+        let r = dims(src, a)?[0];
+        let mut bv = src.read_f32(b)?;
+        let s = t.param("scale").unwrap_or(1.0) as f32;
+        bv.iter_mut().for_each(|x| *x *= s);
+        crate::kernels::add_low_rank(&mut delta, in_dim, &bv, &src.read_f32(a)?, r);
+    }
+    Ok(delta)
+}
+
+/// One GLoRA path as a full `rows × cols` matrix: a low-rank `Xd·Xu`, a column vector `X (rows,1)`
+/// broadcast along the row, a vector `X (rows,)`, a scalar `X (1,)`, or absent/zeros.
+fn glora_path(
+    src: &dyn TensorSource,
+    t: &Tuner,
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<f32>> {
+    if let (Some(d), Some(u)) = (
+        t.tensor(&format!("{name}.Xd")),
+        t.tensor(&format!("{name}.Xu")),
+    ) {
+        let r = dims(src, d)?[1];
+        return Ok(matmul(&src.read_f32(d)?, &src.read_f32(u)?, rows, r, cols));
+    }
+    if let Some(x) = t.tensor(&format!("{name}.X")) {
+        let v = src.read_f32(x)?;
+        return Ok(match v.len() {
+            1 => vec![v[0]; rows * cols],
+            n if n == rows => (0..rows * cols).map(|k| v[k / cols]).collect(),
+            n => {
+                return Err(Error::Options(format!(
+                    "GLoRA {name}.X has {n} values for a {rows}×{cols} path"
+                )))
+            }
+        });
+    }
+    Ok(vec![0f32; rows * cols])
+}
+
+/// GLoRA on a weight: `(A, B)` with `W' = W + W⊙A + B`.
+pub fn glora_weight(
+    src: &dyn TensorSource,
+    payload: &Payload,
+    rows: usize,
+    cols: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let Payload::Tuner(t) = payload else {
+        return Err(Error::Options("not a GLoRA payload".into()));
+    };
+    Ok((
+        glora_path(src, t, "glora_A", rows, cols)?,
+        glora_path(src, t, "glora_B", rows, cols)?,
+    ))
+}
+
+/// GLoRA on a bias: `(D, E + W·C)` with `b' = b + b⊙D + E + W·C`, `w0` the module's original
+/// `out × in` weight.
+pub fn glora_bias(
+    src: &dyn TensorSource,
+    payload: &Payload,
+    w0: &[f32],
+    out_dim: usize,
+    in_dim: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let Payload::Tuner(t) = payload else {
+        return Err(Error::Options("not a GLoRA payload".into()));
+    };
+    let d = glora_path(src, t, "glora_D", out_dim, 1)?;
+    let e = glora_path(src, t, "glora_E", out_dim, 1)?;
+    let c = glora_path(src, t, "glora_C", in_dim, 1)?;
+    let has_c = t.tensor("glora_C.X").is_some() || t.tensor("glora_C.Xd").is_some();
+    let add: Vec<f32> = (0..out_dim)
+        .map(|o| {
+            e[o] + if has_c {
+                dot(&w0[o * in_dim..(o + 1) * in_dim], &c)
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Ok((d, add))
 }
 
 /// RoAd's rotation coefficients: `c1`, `c2` per output and the group size.

@@ -92,6 +92,17 @@ pub enum OpSpec {
         /// Merge weight.
         weight: f32,
     },
+    /// GLoRA on a weight (`W + W⊙A + B`) or its bias (`b + b⊙D + E + W·C`).
+    Glora {
+        /// Index of the adapter.
+        adapter: usize,
+        /// The payload.
+        payload: Payload,
+        /// Whether this is the bias part.
+        bias: bool,
+        /// Merge weight.
+        weight: f32,
+    },
     /// RoAd: mix pairs of rows `h = group/2` apart, `W ← R · W` (also for the bias).
     RowMix {
         /// Index of the adapter.
@@ -873,6 +884,23 @@ pub fn plan_direction<'a>(
                             fan_in_fan_out: t.fan_in_fan_out,
                             weight,
                         },
+                        "GLORA" => {
+                            let bias = format!("{}.bias", m.module);
+                            if base.info(&bias).is_some() {
+                                ops.entry(bias).or_default().push(OpSpec::Glora {
+                                    adapter: ai,
+                                    payload: m.payload.clone(),
+                                    bias: true,
+                                    weight,
+                                });
+                            }
+                            OpSpec::Glora {
+                                adapter: ai,
+                                payload: m.payload.clone(),
+                                bias: false,
+                                weight,
+                            }
+                        }
                         "ROAD" => {
                             let bias = format!("{}.bias", m.module);
                             if base.info(&bias).is_some_and(|b| b.numel() == out_dim) {
@@ -928,6 +956,7 @@ pub fn plan_direction<'a>(
                         "DoRA rescales each merged row to its magnitude vector, so the original row norms cannot be recovered from the merged weight".to_string(),
                     ),
                     OpSpec::RowMix { adapter, .. } => (*adapter, "RoAd's row rotations are not inverted by this version".to_string()),
+                    OpSpec::Glora { adapter, .. } => (*adapter, "GLoRA's bias update depends on the weight; not inverted by this version".to_string()),
                     OpSpec::Transform { adapter, weight, .. } | OpSpec::MissBat { adapter, weight, .. } if *weight != 1.0 => {
                         (*adapter, format!("a rotation merged at weight {weight} is not undone exactly by this version; unmerge it at weight 1"))
                     }
