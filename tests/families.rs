@@ -83,13 +83,16 @@ fn every_peft_family_matches_merge_and_unload() {
 
 /// `unmerge` of PEFT's merged file recovers the base: for every family whose merge is
 /// invertible, to 1e-4 of each tensor's scale; the others are refused with the reason.
-fn check_unmerge(set: &str) -> (Vec<String>, Vec<String>) {
+fn check_unmerge(set: &str, skip: &[&str]) -> (Vec<String>, Vec<String>) {
     let (mut failures, mut refused) = (Vec::new(), Vec::new());
     for c in manifest(set) {
         let Some(expected) = c["expected"].as_str() else {
             continue;
         };
         let name = c["name"].as_str().unwrap().to_string();
+        if skip.contains(&name.as_str()) {
+            continue;
+        }
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("base.safetensors");
         let d = fixtures(set);
@@ -144,7 +147,7 @@ fn check_unmerge(set: &str) -> (Vec<String>, Vec<String>) {
 
 #[test]
 fn unmerge_inverts_every_invertible_family() {
-    let (failures, mut refused) = check_unmerge("peft_families");
+    let (failures, mut refused) = check_unmerge("peft_families", &[]);
     assert!(
         failures.is_empty(),
         "{} case(s) failed:\n{}",
@@ -165,22 +168,22 @@ fn unmerge_inverts_every_invertible_family() {
     );
 }
 
+/// fixtures/peft_more cases adapterkit refuses, each with the reason the README gives.
+const REFUSED_BY_DESIGN: &[&str] = &[
+    "llama_osf",
+    "llama_frod",
+    "llama_unilora_noidx",
+    "llama_tinylora",
+    "llama_psoft",
+    "llama_peanut",
+    "llama_randlora_noproj",
+];
+
 /// The newer tuners (fixtures/peft_more, made by its generate.py with PEFT 0.21.2): the ones
 /// adapterkit merges must match PEFT; the others must be refused with the reason.
 #[test]
 fn newer_peft_tuners_match_or_are_refused_with_a_reason() {
-    let refused_by_design = [
-        "llama_osf",
-        "llama_frod",
-        "llama_unilora_noidx",
-        "llama_tinylora",
-        "llama_psoft",
-        "llama_peanut",
-        "llama_deft",
-        "llama_deft_qr",
-        "llama_deft_para",
-        "llama_randlora_noproj",
-    ];
+    let refused_by_design = REFUSED_BY_DESIGN;
     let mut failures = Vec::new();
     for c in manifest("peft_more") {
         let name = c["name"].as_str().unwrap().to_string();
@@ -222,5 +225,33 @@ fn newer_peft_tuners_match_or_are_refused_with_a_reason() {
         "{} case(s) failed:\n{}",
         failures.len(),
         failures.join("\n")
+    );
+}
+
+#[test]
+fn unmerge_newer_tuners() {
+    let (failures, mut refused) = check_unmerge("peft_more", REFUSED_BY_DESIGN);
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    refused.sort();
+    // RoAd and GLoRA are not inverted yet; DEFT and SuperTuning without saved positions are
+    // functions of the original weight, which the merged file no longer holds.
+    assert_eq!(
+        refused,
+        vec![
+            "llama_deft",
+            "llama_deft_para",
+            "llama_deft_qr",
+            "llama_glora",
+            "llama_glora_vec",
+            "llama_road1",
+            "llama_road2",
+            "llama_road4",
+            "llama_supertuning_noidx"
+        ]
     );
 }

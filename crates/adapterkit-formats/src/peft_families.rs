@@ -1072,6 +1072,13 @@ const TUNERS: &[TunerSpec] = &[
         bias: false,
     },
     TunerSpec {
+        peft_type: "DEFT",
+        family: "deft",
+        roles: &["deft_P", "deft_R"],
+        shared: &[],
+        bias: false,
+    },
+    TunerSpec {
         peft_type: "WAVEFT",
         family: "waveft",
         roles: &["waveft_spectrum"],
@@ -1103,7 +1110,6 @@ pub fn refusal_reason(peft_type: &str) -> Option<&'static str> {
         "TINYLORA" => "TinyLoRA's layer-to-group mapping depends on the model's module order, which the files do not record",
         "PSOFT" => "PSOFT rebuilds its frame from an SVD of the base weight whose signs LAPACK chooses: the result is not reproducible",
         "PEANUT" => "PEANuT's update is a non-linear network of the base weight, not implemented yet",
-        "DEFT" => "DEFT's update depends on a QR of its factor with LAPACK's sign convention and on the base weight, not implemented yet",
         "ADAMSS" => "AdaMSS needs scikit-learn's clustering and its row-to-subspace assignment is not saved",
         "LILY" | "POLY" | "XLORA" => "the update depends on the input through a learned router, so it cannot be folded into the weights",
         "SHADOW" => "SHADOW adds a side network at run time and has no mergeable weights",
@@ -1185,6 +1191,26 @@ fn tuner(
                 params.push(("k".into(), num("gralora_k").unwrap_or(2.0)));
             }
             "PVERA" => params.push(("r".into(), cfg.r as f64)),
+            "DEFT" => {
+                let r = parts.get("deft_P").map(|t| t.shape[1]).unwrap_or(1).max(1) as f64;
+                params.push(("scale".into(), num("alpha").map(|a| a / r).unwrap_or(1.0)));
+                params.push((
+                    "qr".into(),
+                    if json.get("decomposition_method").and_then(Value::as_str) == Some("qr") {
+                        1.0
+                    } else {
+                        0.0
+                    },
+                ));
+                params.push((
+                    "para".into(),
+                    if json_bool(json, "para", false) {
+                        1.0
+                    } else {
+                        0.0
+                    },
+                ));
+            }
             "SUPERTUNING" => {
                 let scale = if cfg.r > 0 {
                     num("lora_alpha").unwrap_or(8.0) / cfg.r as f64
@@ -1262,6 +1288,9 @@ fn tuner(
                 fan_in_fan_out: cfg.fan_in_fan_out,
             }),
         });
+    }
+    if spec.peft_type == "UNILORA" && out.is_empty() && problems.is_empty() {
+        problems.push("UniLoRA saved without save_indices=True: its indices are drawn from numpy's PCG64 in the model's module order, which adapterkit does not reproduce; save it again with save_indices=True".into());
     }
     out.extend(replacements(
         full.into_iter()

@@ -1067,7 +1067,7 @@ fn waveft_delta(src: &dyn TensorSource, t: &Tuner, o: usize, i: usize) -> Result
 /// Whether a payload's update depends on the base weight itself (so the executor must hand it
 /// the original tensor).
 pub fn needs_base(payload: &Payload) -> bool {
-    matches!(payload, Payload::Tuner(t) if t.method == "SUPERTUNING" && t.tensor("supertuning_indices").is_none())
+    matches!(payload, Payload::Tuner(t) if (t.method == "SUPERTUNING" && t.tensor("supertuning_indices").is_none()) || t.method == "DEFT")
 }
 
 /// [`dense_delta`] for updates that depend on the original base weight `w0` (`out × in`).
@@ -1095,8 +1095,88 @@ pub fn dense_delta_with_base(
             let idx: Vec<f32> = idx.into_iter().map(|i| i as f32).collect();
             supertuning_delta(src, t, out_dim, in_dim, &idx)
         }
+        Payload::Tuner(t) if t.method == "DEFT" => deft_delta(src, t, out_dim, in_dim, w0),
         other => dense_delta(src, other, out_dim, in_dim),
     }
+}
+
+/// DEFT: `ΔW = Q·(s·R − rightᵀ·W)` (PaRa: `−Q·rightᵀ·W`), with `Q = P`, `right = relu(P)` in relu
+/// mode, or `Q = right =` the thin Q of a Householder QR of `P` with LAPACK's sign convention.
+fn deft_delta(
+    src: &dyn TensorSource,
+    t: &Tuner,
+    out_dim: usize,
+    in_dim: usize,
+    w0: &[f32],
+) -> Result<Vec<f32>> {
+    let p = src.read_f32(role(t, "deft_P")?)?;
+    let r = dims(src, role(t, "deft_P")?)?[1];
+    let (q, right) = if t.param("qr").unwrap_or(0.0) != 0.0 {
+        let q = householder_thin_q(&p, out_dim, r);
+        (q.clone(), q)
+    } else {
+        (p.clone(), p.iter().map(|x| x.max(0.0)).collect())
+    };
+    // fac = rightᵀ · W (r × in).
+    let right_t = crate::kernels::transpose(&right, out_dim, r);
+    let fac = matmul(&right_t, w0, r, out_dim, in_dim);
+    let inner: Vec<f32> = if t.param("para").unwrap_or(0.0) != 0.0 {
+        fac.iter().map(|x| -x).collect()
+    } else {
+        let rv = src.read_f32(role(t, "deft_R")?)?;
+        let s = t.param("scale").unwrap_or(1.0) as f32;
+        rv.iter().zip(&fac).map(|(a, b)| s * a - b).collect()
+    };
+    Ok(matmul(&q, &inner, out_dim, r, in_dim))
+}
+
+/// The thin `Q` (`m × n`) of a Householder QR of `a` (`m × n`, row-major), with LAPACK geqrf's
+/// convention `β = −sign(α)·‖x‖`, in f64.
+fn householder_thin_q(a: &[f32], m: usize, n: usize) -> Vec<f32> {
+    let mut r: Vec<f64> = a.iter().map(|&x| x as f64).collect();
+    let mut q = vec![0f64; m * m];
+    (0..m).for_each(|i| q[i * m + i] = 1.0);
+    for j in 0..n.min(m) {
+        let alpha = r[j * n + j];
+        let xnorm = (j + 1..m)
+            .map(|i| r[i * n + j] * r[i * n + j])
+            .sum::<f64>()
+            .sqrt();
+        if xnorm == 0.0 {
+            continue;
+        }
+        let beta = -alpha.signum() * alpha.hypot(xnorm);
+        let beta = if alpha == 0.0 {
+            -alpha.hypot(xnorm)
+        } else {
+            beta
+        };
+        let tau = (beta - alpha) / beta;
+        // v = [1, x[1..] / (alpha − beta)].
+        let mut v = vec![0f64; m - j];
+        v[0] = 1.0;
+        for i in j + 1..m {
+            v[i - j] = r[i * n + j] / (alpha - beta);
+        }
+        // R ← H R on rows j.., H = I − τ v vᵀ.
+        for c in 0..n {
+            let d: f64 = (j..m).map(|i| v[i - j] * r[i * n + c]).sum();
+            for i in j..m {
+                r[i * n + c] -= tau * v[i - j] * d;
+            }
+        }
+        // Q ← Q H on columns j...
+        for row in 0..m {
+            let d: f64 = (j..m).map(|i| q[row * m + i] * v[i - j]).sum();
+            for i in j..m {
+                q[row * m + i] -= tau * d * v[i - j];
+            }
+        }
+    }
+    (0..m)
+        .flat_map(|row| (0..n).map(move |c| (row, c)))
+        .map(|(row, c)| q[row * m + c] as f32)
+        .collect()
 }
 
 /// SuperTuning: the values scatter-added at flat positions, plus `(α/r)·B·A` when it has LoRA

@@ -957,6 +957,10 @@ pub fn plan_direction<'a>(
                     ),
                     OpSpec::RowMix { adapter, .. } => (*adapter, "RoAd's row rotations are not inverted by this version".to_string()),
                     OpSpec::Glora { adapter, .. } => (*adapter, "GLoRA's bias update depends on the weight; not inverted by this version".to_string()),
+                    OpSpec::Dense { adapter, payload, .. } if crate::families::needs_base(payload) => (
+                        *adapter,
+                        "the update is a function of the original weight, which the merged file no longer holds".to_string(),
+                    ),
                     OpSpec::Transform { adapter, weight, .. } | OpSpec::MissBat { adapter, weight, .. } if *weight != 1.0 => {
                         (*adapter, format!("a rotation merged at weight {weight} is not undone exactly by this version; unmerge it at weight 1"))
                     }
