@@ -239,7 +239,8 @@ fn unmerge_newer_tuners() {
     );
     refused.sort();
     // RoAd and GLoRA are not inverted yet; DEFT and SuperTuning without saved positions are
-    // functions of the original weight, which the merged file no longer holds.
+    // functions of the original weight, which the merged file no longer holds; llama_hira
+    // carries a saved embedding base layer (a replacement).
     assert_eq!(
         refused,
         vec![
@@ -248,6 +249,7 @@ fn unmerge_newer_tuners() {
             "llama_deft_qr",
             "llama_glora",
             "llama_glora_vec",
+            "llama_hira",
             "llama_road1",
             "llama_road2",
             "llama_road4",
