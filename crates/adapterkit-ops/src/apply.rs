@@ -48,6 +48,15 @@ pub(crate) enum Prepared {
         r: usize,
         weight: f32,
     },
+    /// `W += factor · (L₁·R₁) ⊙ (L₂·R₂)` (LoHa), computed per block.
+    Hadamard {
+        l1: Vec<f32>,
+        r1: Vec<f32>,
+        l2: Vec<f32>,
+        r2: Vec<f32>,
+        rank: usize,
+        factor: f32,
+    },
     /// `W ← W + weight·(W ⊙ M + D)` (GLoRA).
     MulAdd {
         m: Vec<f32>,
@@ -95,6 +104,21 @@ fn invert(p: Prepared, tensor: &str) -> Result<Prepared> {
         }
         Prepared::Add { delta, factor } => Prepared::Add {
             delta,
+            factor: -factor,
+        },
+        Prepared::Hadamard {
+            l1,
+            r1,
+            l2,
+            r2,
+            rank,
+            factor,
+        } => Prepared::Hadamard {
+            l1,
+            r1,
+            l2,
+            r2,
+            rank,
             factor: -factor,
         },
         Prepared::Scale {
@@ -276,6 +300,41 @@ pub(crate) fn prepare(
                 } else {
                     (rows, cols)
                 };
+                // Low-rank and Hadamard-of-low-rank updates stream through the tiled kernel
+                // block by block instead of materialising ΔW.
+                if let Some((mut l, mut r, k)) =
+                    families::low_rank_factors(src, payload, out_dim, in_dim)?
+                {
+                    if *fan_in_fan_out {
+                        let (lt, rt) = (transpose(&r, k, in_dim), transpose(&l, out_dim, k));
+                        l = lt;
+                        r = rt;
+                    }
+                    l.iter_mut().for_each(|x| *x *= *weight);
+                    out.push(Prepared::LowRank {
+                        l,
+                        r,
+                        rank: k,
+                        weight: *weight,
+                        dora: None,
+                    });
+                    continue;
+                }
+                if !*fan_in_fan_out {
+                    if let Some((l1, r1, l2, r2, k, scale)) =
+                        families::hadamard_factors(src, payload)?
+                    {
+                        out.push(Prepared::Hadamard {
+                            l1,
+                            r1,
+                            l2,
+                            r2,
+                            rank: k,
+                            factor: scale * *weight,
+                        });
+                        continue;
+                    }
+                }
                 // A few updates depend on the base weight itself (SuperTuning's positions when
                 // not saved): they get the original tensor.
                 let delta = if families::needs_base(payload) {
@@ -497,6 +556,34 @@ pub(crate) fn apply_ops(
     for (op, norm) in ops.iter().zip(&norms) {
         match op {
             Prepared::Replace { .. } | Prepared::ReplaceRows { .. } => {}
+            Prepared::Hadamard {
+                l1,
+                r1,
+                l2,
+                r2,
+                rank,
+                factor,
+            } => {
+                let mut p1 = vec![0f32; rows * cols];
+                let mut p2 = vec![0f32; rows * cols];
+                add_low_rank(
+                    &mut p1,
+                    cols,
+                    &l1[row0 * rank..(row0 + rows) * rank],
+                    r1,
+                    *rank,
+                );
+                add_low_rank(
+                    &mut p2,
+                    cols,
+                    &l2[row0 * rank..(row0 + rows) * rank],
+                    r2,
+                    *rank,
+                );
+                for ((x, a), b) in w.iter_mut().zip(&p1).zip(&p2) {
+                    *x += factor * a * b;
+                }
+            }
             Prepared::Mul { m, weight } => {
                 for (x, f) in w.iter_mut().zip(&m[row0 * cols..(row0 + rows) * cols]) {
                     *x += weight * *x * f;

@@ -1064,6 +1064,69 @@ fn waveft_delta(src: &dyn TensorSource, t: &Tuner, o: usize, i: usize) -> Result
     Ok(delta)
 }
 
+/// Low-rank factors `(L (out×k), R (k×in), k)`.
+pub type LowRankFactors = (Vec<f32>, Vec<f32>, usize);
+
+/// LoHa's flat factors `(w1a, w1b, w2a, w2b, r, scale)`.
+pub type HadamardFactors = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, usize, f32);
+
+/// Factors `(L (out×k), R (k×in), k)` with `ΔW = L·R`, for payloads whose update is low rank
+/// (VeRA), so the executor can stream it instead of building `ΔW`.
+pub fn low_rank_factors(
+    src: &dyn TensorSource,
+    payload: &Payload,
+    out_dim: usize,
+    in_dim: usize,
+) -> Result<Option<LowRankFactors>> {
+    match payload {
+        Payload::Vera {
+            a,
+            b,
+            lambda_b,
+            lambda_d,
+            ..
+        } => {
+            let (ad, bd) = (dims(src, a)?, dims(src, b)?);
+            let (r, max_in) = (ad[0], ad[1]);
+            let (av, bv) = (src.read_f32(a)?, src.read_f32(b)?);
+            let (lb, ld) = (src.read_f32(lambda_b)?, src.read_f32(lambda_d)?);
+            let l: Vec<f32> = (0..out_dim * r)
+                .map(|x| lb[x / r] * bv[(x / r) * bd[1] + x % r])
+                .collect();
+            let rm: Vec<f32> = (0..r * in_dim)
+                .map(|x| ld[x / in_dim] * av[(x / in_dim) * max_in + x % in_dim])
+                .collect();
+            Ok(Some((l, rm, r)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// LoHa's factors `(w1a, w1b, w2a, w2b, r, scale)` in the flat (non-CP) form, for per-block
+/// evaluation of `scale · (w1a·w1b) ⊙ (w2a·w2b)`.
+pub fn hadamard_factors(
+    src: &dyn TensorSource,
+    payload: &Payload,
+) -> Result<Option<HadamardFactors>> {
+    match payload {
+        Payload::Hadamard(h) if h.cp.is_none() => {
+            let r = dims(src, &h.w1a)?[1];
+            if dims(src, &h.w2a)?[1] != r {
+                return Ok(None);
+            }
+            Ok(Some((
+                src.read_f32(&h.w1a)?,
+                src.read_f32(&h.w1b)?,
+                src.read_f32(&h.w2a)?,
+                src.read_f32(&h.w2b)?,
+                r,
+                h.scale as f32,
+            )))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// Whether a payload's update depends on the base weight itself (so the executor must hand it
 /// the original tensor).
 pub fn needs_base(payload: &Payload) -> bool {
