@@ -215,7 +215,7 @@ pub fn dense_delta(
             let s = src.read_f32(spectrum)?;
             let n = s.len();
             let total = (out_dim * in_dim) as u64;
-            let perm = crate::torch_rng::randperm(total, *seed).ok_or_else(|| {
+            let perm = crate::torch_rng::randperm_prefix(total, n, *seed).ok_or_else(|| {
                 Error::Options(format!(
                     "{spectrum}: FourierFT locations for {total} elements are not reproducible"
                 ))
@@ -280,7 +280,8 @@ pub enum RowTransform {
     Butterfly {
         /// Block size.
         b: usize,
-        /// Per factor: the permutation (`(P·x)[i] = x[perm[i]]`) and `(blocks, b, b)` matrices.
+        /// Per factor: the permutation (`(P·x)[i] = x[perm[i]]`, empty for the identity) and
+        /// `(blocks, b, b)` matrices.
         factors: Vec<(Vec<usize>, Vec<f32>)>,
         /// Output scaling, one per output unit.
         scale: Vec<f32>,
@@ -365,6 +366,14 @@ impl RowTransform {
                 tmp.resize(x.len() + b, 0.0);
                 let (y, z) = tmp.split_at_mut(x.len());
                 for (perm, blocks) in factors {
+                    if perm.is_empty() {
+                        // Identity permutation: transform the slices of x directly.
+                        for (k, xs) in x.chunks_exact_mut(b).enumerate() {
+                            vec_mat(xs, &blocks[k * b * b..(k + 1) * b * b], &mut z[..b]);
+                            xs.copy_from_slice(&z[..b]);
+                        }
+                        continue;
+                    }
                     // y = Pᵀ x: y[perm[i]] = x[i].
                     for (i, &p) in perm.iter().enumerate() {
                         y[p] = x[i];
@@ -634,6 +643,12 @@ pub fn row_transform(src: &dyn TensorSource, payload: &Payload, n: usize) -> Res
             let mut factors = Vec::with_capacity(m);
             for i in 0..m {
                 let perm = butterfly_perm(n, nb >> i, b / 2, m - 1);
+                // An identity permutation is stored empty and skipped.
+                let perm = if perm.iter().enumerate().all(|(k, &p)| k == p) {
+                    Vec::new()
+                } else {
+                    perm
+                };
                 let mut blocks = Vec::with_capacity(nb * b * b);
                 for k in 0..nb {
                     let g = &rv[(i * nb + k) * b * b..(i * nb + k + 1) * b * b];
@@ -990,12 +1005,13 @@ fn waveft_delta(src: &dyn TensorSource, t: &Tuner, o: usize, i: usize) -> Result
     let spec = src.read_f32(role(t, "waveft_spectrum")?)?;
     let seed = t.param("seed").unwrap_or(777.0) as u64;
     let scaling = t.param("scaling").unwrap_or(1.0);
-    let perm = crate::torch_rng::randperm((o * i) as u64, seed).ok_or_else(|| {
-        Error::Options(format!(
-            "WaveFT locations for {} elements are not reproducible",
-            o * i
-        ))
-    })?;
+    let perm =
+        crate::torch_rng::randperm_prefix((o * i) as u64, spec.len(), seed).ok_or_else(|| {
+            Error::Options(format!(
+                "WaveFT locations for {} elements are not reproducible",
+                o * i
+            ))
+        })?;
     let mut delta = vec![0f32; o * i];
     if t.param("idwt").unwrap_or(1.0) == 0.0 {
         for (k, &idx) in perm[..spec.len()].iter().enumerate() {

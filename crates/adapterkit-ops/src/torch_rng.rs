@@ -53,6 +53,33 @@ impl Mt19937 {
     }
 }
 
+/// The first `k` entries of [`randperm`]`(n, seed)`, in `O(k)` time and memory: entry `i` of a
+/// Fisher–Yates shuffle is final once step `i` has run, and the steps touch only the positions
+/// they swap, which a sparse map holds.
+pub fn randperm_prefix(n: u64, k: usize, seed: u64) -> Option<Vec<u64>> {
+    if !randperm_supported(n) || k as u64 > n {
+        return None;
+    }
+    let mut g = Mt19937::new(seed);
+    let mut moved: std::collections::HashMap<u64, u64> =
+        std::collections::HashMap::with_capacity(2 * k);
+    let mut out = Vec::with_capacity(k);
+    for i in 0..k as u64 {
+        if i + 1 >= n {
+            // The last position is never swapped by torch's loop (it stops at n − 2).
+            out.push(*moved.get(&i).unwrap_or(&i));
+            break;
+        }
+        let z = u64::from(g.next_u32()) % (n - i);
+        let j = i + z;
+        let vi = *moved.get(&i).unwrap_or(&i);
+        let vj = *moved.get(&j).unwrap_or(&j);
+        moved.insert(j, vi);
+        out.push(vj);
+    }
+    Some(out)
+}
+
 /// Whether [`randperm`] reproduces torch for this `n`.
 pub fn randperm_supported(n: u64) -> bool {
     n < u64::from(u32::MAX / 20)
@@ -86,6 +113,24 @@ mod tests {
             v = g.next_u32();
         }
         assert_eq!(v, 4_123_659_995);
+    }
+
+    #[test]
+    fn prefix_equals_full_permutation() {
+        for (n, seed, k) in [
+            (10u64, 0u64, 10usize),
+            (1024, 777, 20),
+            (1 << 20, 5, 1000),
+            (7, 3, 6),
+            (1, 9, 1),
+        ] {
+            let full = randperm(n, seed).unwrap();
+            assert_eq!(
+                randperm_prefix(n, k, seed).unwrap(),
+                full[..k],
+                "n={n} seed={seed} k={k}"
+            );
+        }
     }
 
     #[test]
