@@ -9,7 +9,7 @@ use std::process::Output;
 use adapterkit_core::{DType, TensorSource};
 use adapterkit_formats::safetensors::{write_small, SafetensorsFile, TensorSpec};
 use adapterkit_formats::Checkpoint;
-use common::{assert_close, bin, failed, ok, run};
+use common::{assert_close, failed, ok, run};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -21,25 +21,7 @@ fn case(name: &str) -> Value {
 }
 
 fn merge_case(name: &str, out: &Path, extra: &[&str]) -> Output {
-    let c = case(name);
-    let mut cmd = bin();
-    cmd.arg("merge")
-        .arg(fixtures().join(c["base"].as_str().unwrap()));
-    for a in c["adapters"].as_array().unwrap() {
-        cmd.arg(fixtures().join(a.as_str().unwrap()));
-    }
-    let w: Vec<String> = c["weights"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w.as_f64().unwrap().to_string())
-        .collect();
-    cmd.arg("--weights")
-        .arg(w.join(","))
-        .arg("-o")
-        .arg(out)
-        .args(extra);
-    cmd.output().unwrap()
+    common::merge_manifest_case("peft", &case(name), out, extra)
 }
 
 fn check_golden(name: &str) {

@@ -12,20 +12,7 @@ use common::{assert_close, bin, failed, fixtures, manifest, ok};
 use serde_json::Value;
 
 fn run_case(set: &str, c: &Value, out: &Path) -> std::process::Output {
-    let dir = fixtures(set);
-    let mut cmd = bin();
-    cmd.arg("merge").arg(dir.join(c["base"].as_str().unwrap()));
-    for a in c["adapters"].as_array().unwrap() {
-        cmd.arg(dir.join(a.as_str().unwrap()));
-    }
-    let w: Vec<String> = c["weights"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w.as_f64().unwrap().to_string())
-        .collect();
-    cmd.arg("--weights").arg(w.join(",")).arg("-o").arg(out);
-    cmd.output().unwrap()
+    common::merge_manifest_case(set, c, out, &[])
 }
 
 /// Merge every case of `set`; returns the names of cases that failed, with why.

@@ -98,3 +98,26 @@ pub fn assert_close(got: &dyn TensorSource, got_names: &[String], want: &Path, r
         );
     }
 }
+
+/// Run `adapterkit merge` on a manifest case of `set` (its base, adapters and weights) into `out`,
+/// with `extra` arguments.
+pub fn merge_manifest_case(set: &str, c: &Value, out: &Path, extra: &[&str]) -> Output {
+    let dir = fixtures(set);
+    let mut cmd = bin();
+    cmd.arg("merge").arg(dir.join(c["base"].as_str().unwrap()));
+    for a in c["adapters"].as_array().unwrap() {
+        cmd.arg(dir.join(a.as_str().unwrap()));
+    }
+    let w: Vec<String> = c["weights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_f64().unwrap().to_string())
+        .collect();
+    cmd.arg("--weights")
+        .arg(w.join(","))
+        .arg("-o")
+        .arg(out)
+        .args(extra);
+    cmd.output().unwrap()
+}

@@ -184,26 +184,9 @@ pub fn dense_delta(
             }
             Ok(matmul(&b, &a, out_dim, r, in_dim))
         }
-        Payload::Vera {
-            a,
-            b,
-            lambda_b,
-            lambda_d,
-            ..
-        } => {
-            let (ad, bd) = (dims(src, a)?, dims(src, b)?);
-            let (r, max_in) = (ad[0], ad[1]);
-            let (av, bv) = (src.read_f32(a)?, src.read_f32(b)?);
-            let (lb, ld) = (src.read_f32(lambda_b)?, src.read_f32(lambda_d)?);
-            // L = λ_b ⊙ B[:out] (out × r), R = λ_d ⊙ A[:, :in] (r × in).
-            let l: Vec<f32> = (0..out_dim)
-                .flat_map(|i| (0..r).map(move |k| (i, k)))
-                .map(|(i, k)| lb[i] * bv[i * bd[1] + k])
-                .collect();
-            let rm: Vec<f32> = (0..r)
-                .flat_map(|k| (0..in_dim).map(move |j| (k, j)))
-                .map(|(k, j)| ld[k] * av[k * max_in + j])
-                .collect();
+        Payload::Vera { .. } => {
+            let (l, rm, r) =
+                low_rank_factors(src, payload, out_dim, in_dim)?.expect("VeRA is low rank");
             Ok(matmul(&l, &rm, out_dim, r, in_dim))
         }
         Payload::Fourier {
