@@ -244,3 +244,35 @@ fn unmerge_newer_tuners() {
         ]
     );
 }
+
+/// The methods that cannot be merged are still described by `inspect`: what they are, their
+/// virtual-token dimensions and tensors, and why `merge` refuses them.
+#[test]
+fn inspect_describes_prompt_learning_adapters() {
+    for c in manifest("peft_families")
+        .iter()
+        .filter(|c| c["expect_error"] == "not_mergeable")
+    {
+        let dir = fixtures("peft_families").join(c["adapters"][0].as_str().unwrap());
+        let out = common::run(&[&"inspect", &dir, &"--json"]);
+        ok(&out);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["kind"], "adapter");
+        assert_eq!(v["supported"], false);
+        assert!(
+            v["reason"].as_str().unwrap().contains("cannot")
+                || v["reason"].as_str().unwrap().contains("no weights")
+                || v["reason"].as_str().unwrap().contains("run time"),
+            "{v}"
+        );
+        assert!(v["tensor_count"].as_u64().unwrap() > 0);
+        assert!(!v["tensors"].as_object().unwrap().is_empty());
+        if c["family"] != "ADAPTION_PROMPT" {
+            assert!(
+                v["num_virtual_tokens"].as_u64().unwrap() > 0,
+                "{}: {v}",
+                c["name"]
+            );
+        }
+    }
+}

@@ -163,12 +163,17 @@ fn describe_adapter(path: &Path) -> Result<Value> {
             // Still say what it is: config and tensors, with the reason it cannot be read further.
             let cfg = adapterkit_formats::checkpoint::read_json(&dir.join("adapter_config.json"))?;
             let st = dir.join("adapter_model.safetensors");
-            let (dtypes, params, bytes, count) = if st.is_file() {
+            let (dtypes, params, bytes, count, tensors) = if st.is_file() {
                 let f = SafetensorsFile::open(&st)?;
                 let (d, p, b) = dtype_summary(f.tensors().iter());
-                (d, p, b, f.tensors().len())
+                let t: BTreeMap<String, Value> = f
+                    .tensors()
+                    .iter()
+                    .map(|t| (t.name.clone(), json!(t.shape)))
+                    .collect();
+                (d, p, b, f.tensors().len(), t)
             } else {
-                (BTreeMap::new(), 0, 0, 0)
+                (BTreeMap::new(), 0, 0, 0, BTreeMap::new())
             };
             Ok(json!({
                 "kind": "adapter",
@@ -178,6 +183,13 @@ fn describe_adapter(path: &Path) -> Result<Value> {
                 "base_model": cfg.get("base_model_name_or_path"),
                 "task_type": cfg.get("task_type"),
                 "num_virtual_tokens": cfg.get("num_virtual_tokens"),
+                "token_dim": cfg.get("token_dim"),
+                "num_layers": cfg.get("num_layers"),
+                "num_attention_heads": cfg.get("num_attention_heads"),
+                "num_transformer_submodules": cfg.get("num_transformer_submodules"),
+                "adapter_len": cfg.get("adapter_len"),
+                "adapter_layers": cfg.get("adapter_layers"),
+                "tensors": tensors,
                 "supported": false,
                 "reason": e.to_string(),
                 "tensor_count": count,
@@ -233,6 +245,16 @@ fn print_text(v: &Value) {
         println!("  peft_type:   {}", s("peft_type"));
         if let Some(r) = v.get("reason") {
             println!("  note:        {}", r.as_str().unwrap_or_default());
+        }
+        for (key, label) in [
+            ("num_virtual_tokens", "virtual tokens"),
+            ("token_dim", "token dim"),
+            ("num_layers", "layers"),
+            ("adapter_len", "adapter len"),
+        ] {
+            if let Some(x) = v.get(key).filter(|x| !x.is_null()) {
+                println!("  {:<13}{x}", format!("{label}:"));
+            }
         }
         println!("  base model:  {}", s("base_model"));
         if let Some(Value::Array(notes)) = v.get("notes") {
