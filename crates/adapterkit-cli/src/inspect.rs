@@ -247,7 +247,7 @@ fn print_text(v: &Value) {
             println!("  note:        {}", r.as_str().unwrap_or_default());
         }
         for (key, label) in [
-            ("num_virtual_tokens", "virtual tokens"),
+            ("num_virtual_tokens", "tokens"),
             ("token_dim", "token dim"),
             ("num_layers", "layers"),
             ("adapter_len", "adapter len"),

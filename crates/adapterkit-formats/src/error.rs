@@ -126,7 +126,7 @@ pub enum Error {
         known: String,
     },
     /// A PEFT method adapterkit knows but does not read yet.
-    #[error("{path}: peft_type {peft_type} is not supported yet ({reason})")]
+    #[error("{path}: peft_type {peft_type} cannot be merged: {reason}")]
     UnsupportedPeftType {
         /// The config file.
         path: PathBuf,

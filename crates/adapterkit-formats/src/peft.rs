@@ -563,8 +563,7 @@ pub fn open(path: &Path) -> Result<PeftAdapter> {
             } else if PROMPT_LEARNING_TYPES.contains(&peft_type.as_str()) {
                 "a prompt-learning method: it adds virtual tokens at run time and has no weights that can be merged".to_string()
             } else {
-                "this version of adapterkit does not read this method yet (see the README for the supported list)"
-                    .to_string()
+                "not implemented in this version (the README lists what is supported)".to_string()
             };
             return Err(Error::UnsupportedPeftType {
                 path: cfg_path,
