@@ -718,3 +718,28 @@ fn unmerge_recovers_the_base_and_refuses_dora() {
     );
     assert!(!out3.exists());
 }
+
+#[test]
+fn json_errors_list_each_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.safetensors");
+    let o = run(&[
+        &"merge",
+        &fixtures().join("bases/gpt2"),
+        &fixtures().join("llama_lora/adapter"),
+        &"-o",
+        &out,
+        &"--json",
+    ]);
+    failed(&o);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let problems = v["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 14);
+    assert!(problems.iter().all(|p| p["file"]
+        .as_str()
+        .unwrap()
+        .ends_with("adapter_model.safetensors")));
+    assert!(problems
+        .iter()
+        .any(|p| p["tensor"] == "model.layers.0.self_attn.q_proj.weight"));
+}

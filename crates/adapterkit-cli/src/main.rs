@@ -282,6 +282,11 @@ fn with_progress<T>(show: bool, total: u64, work: impl FnOnce(Option<Arc<AtomicU
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = match &cli.command {
+        Command::Merge(a) | Command::Unmerge(a) => a.json,
+        Command::Inspect(a) => a.json,
+        Command::Diff(a) => a.json,
+    };
     let result = match cli.command {
         Command::Merge(a) => run_merge(a, Direction::Merge),
         Command::Unmerge(a) => run_merge(a, Direction::Unmerge),
@@ -300,6 +305,25 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             for cause in e.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
+            }
+            if json {
+                // Machines get the error on stdout too, with each validation problem apart.
+                let problems: Vec<serde_json::Value> = e
+                    .chain()
+                    .find_map(|c| match c.downcast_ref::<adapterkit_ops::Error>() {
+                        Some(adapterkit_ops::Error::Validation(p)) => Some(
+                            p.iter()
+                                .map(|p| serde_json::json!({"file": p.file, "tensor": p.tensor, "message": p.message}))
+                                .collect(),
+                        ),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"error": e.to_string(), "chain": chain, "problems": problems})
+                );
             }
             ExitCode::FAILURE
         }
