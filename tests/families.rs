@@ -162,7 +162,6 @@ const REFUSED_BY_DESIGN: &[&str] = &[
     "llama_unilora_noidx",
     "llama_tinylora",
     "llama_psoft",
-    "llama_peanut",
     "llama_randlora_noproj",
 ];
 
@@ -226,7 +225,7 @@ fn unmerge_newer_tuners() {
     );
     refused.sort();
     // RoAd and GLoRA are not inverted yet; DEFT and SuperTuning without saved positions are
-    // functions of the original weight, which the merged file no longer holds; llama_hira
+    // functions of the original weight (as is PEANuT's), which the merged file no longer holds; llama_hira
     // carries a saved embedding base layer (a replacement).
     assert_eq!(
         refused,
@@ -237,6 +236,7 @@ fn unmerge_newer_tuners() {
             "llama_glora",
             "llama_glora_vec",
             "llama_hira",
+            "llama_peanut",
             "llama_road1",
             "llama_road2",
             "llama_road4",

@@ -1079,6 +1079,32 @@ const TUNERS: &[TunerSpec] = &[
         bias: false,
     },
     TunerSpec {
+        peft_type: "PEANUT",
+        family: "peanut",
+        roles: &[
+            "peanut_A.weight",
+            "peanut_B.weight",
+            "peanut_encoders.0.weight",
+            "peanut_encoders.1.weight",
+            "peanut_encoders.2.weight",
+            "peanut_encoders.3.weight",
+            "peanut_encoders.4.weight",
+            "peanut_encoders.5.weight",
+            "peanut_encoders.6.weight",
+            "peanut_encoders.7.weight",
+            "peanut_decoders.0.weight",
+            "peanut_decoders.1.weight",
+            "peanut_decoders.2.weight",
+            "peanut_decoders.3.weight",
+            "peanut_decoders.4.weight",
+            "peanut_decoders.5.weight",
+            "peanut_decoders.6.weight",
+            "peanut_decoders.7.weight",
+        ],
+        shared: &[],
+        bias: false,
+    },
+    TunerSpec {
         peft_type: "WAVEFT",
         family: "waveft",
         roles: &["waveft_spectrum"],
@@ -1109,7 +1135,6 @@ pub fn refusal_reason(peft_type: &str) -> Option<&'static str> {
         "FROD" => "FRoD recomputes U from the base weight with a float64 solve, not implemented yet",
         "TINYLORA" => "TinyLoRA's layer-to-group mapping depends on the model's module order, which the files do not record",
         "PSOFT" => "PSOFT rebuilds its frame from an SVD of the base weight whose signs LAPACK chooses: the result is not reproducible",
-        "PEANUT" => "PEANuT's update is a non-linear network of the base weight, not implemented yet",
         "ADAMSS" => "AdaMSS needs scikit-learn's clustering and its row-to-subspace assignment is not saved",
         "LILY" | "POLY" | "XLORA" => "the update depends on the input through a learned router, so it cannot be folded into the weights",
         "SHADOW" => "SHADOW adds a side network at run time and has no mergeable weights",
@@ -1191,6 +1216,21 @@ fn tuner(
                 params.push(("k".into(), num("gralora_k").unwrap_or(2.0)));
             }
             "PVERA" => params.push(("r".into(), cfg.r as f64)),
+            "PEANUT" => {
+                params.push(("scale".into(), num("scaling").unwrap_or(1.0)));
+                params.push(("depth".into(), num("depth").unwrap_or(1.0)));
+                let act = match json.get("act_fn").and_then(Value::as_str).unwrap_or("relu") {
+                    "relu" => 0.0,
+                    "gelu" => 1.0,
+                    "silu" => 2.0,
+                    "tanh" => 3.0,
+                    other => {
+                        problems.push(format!("module {module:?}: PEANuT activation {other:?} is not supported (relu, gelu, silu, tanh)"));
+                        continue;
+                    }
+                };
+                params.push(("act".into(), act));
+            }
             "DEFT" => {
                 let r = parts.get("deft_P").map(|t| t.shape[1]).unwrap_or(1).max(1) as f64;
                 params.push(("scale".into(), num("alpha").map(|a| a / r).unwrap_or(1.0)));

@@ -1129,7 +1129,7 @@ pub fn hadamard_factors(
 /// Whether a payload's update depends on the base weight itself (so the executor must hand it
 /// the original tensor).
 pub fn needs_base(payload: &Payload) -> bool {
-    matches!(payload, Payload::Tuner(t) if (t.method == "SUPERTUNING" && t.tensor("supertuning_indices").is_none()) || t.method == "DEFT")
+    matches!(payload, Payload::Tuner(t) if (t.method == "SUPERTUNING" && t.tensor("supertuning_indices").is_none()) || t.method == "DEFT" || t.method == "PEANUT")
 }
 
 /// [`dense_delta`] for updates that depend on the original base weight `w0` (`out × in`).
@@ -1158,7 +1158,104 @@ pub fn dense_delta_with_base(
             supertuning_delta(src, t, out_dim, in_dim, &idx)
         }
         Payload::Tuner(t) if t.method == "DEFT" => deft_delta(src, t, out_dim, in_dim, w0),
+        Payload::Tuner(t) if t.method == "PEANUT" => peanut_delta(src, t, out_dim, in_dim, w0),
         other => dense_delta(src, other, out_dim, in_dim),
+    }
+}
+
+/// PEANuT: a small residual network of the base weight: `d = act(Wᵀ·Aᵀ)` (in × r), then per
+/// depth an encoder `d ← act(d·E_jᵀ)` (inputs kept), then decoders `d ← act(d·D_jᵀ) + kept`,
+/// and `ΔW = (s · d·Bᵀ)ᵀ`.
+fn peanut_delta(
+    src: &dyn TensorSource,
+    t: &Tuner,
+    out_dim: usize,
+    in_dim: usize,
+    w0: &[f32],
+) -> Result<Vec<f32>> {
+    let act = |x: f32| -> f32 {
+        match t.param("act").unwrap_or(0.0) as u32 {
+            0 => x.max(0.0),
+            1 => {
+                let x = x as f64;
+                (0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2))) as f32
+            }
+            2 => x / (1.0 + (-x).exp()),
+            _ => x.tanh(),
+        }
+    };
+    let a = src.read_f32(role(t, "peanut_A.weight")?)?;
+    let r = dims(src, role(t, "peanut_A.weight")?)?[0];
+    // d = act(Wᵀ · Aᵀ): (in × out) · (out × r).
+    let wt = crate::kernels::transpose(w0, out_dim, in_dim);
+    let at = crate::kernels::transpose(&a, r, out_dim);
+    let mut d: Vec<f32> = matmul(&wt, &at, in_dim, out_dim, r)
+        .into_iter()
+        .map(act)
+        .collect();
+    let mut width = r;
+    let depth = t.param("depth").unwrap_or(1.0) as usize;
+    let mut kept = Vec::with_capacity(depth);
+    let layer = |d: &[f32], width: usize, name: String| -> Result<(Vec<f32>, usize)> {
+        let w = src.read_f32(role(t, &name)?)?;
+        let wd = dims(src, role(t, &name)?)?;
+        let (o, i) = (wd[0], wd[1]);
+        if i != width {
+            return Err(Error::Options(format!(
+                "PEANuT {name} expects {i} inputs, the chain has {width}"
+            )));
+        }
+        let wt = crate::kernels::transpose(&w, o, i);
+        Ok((
+            matmul(d, &wt, in_dim, i, o).into_iter().map(act).collect(),
+            o,
+        ))
+    };
+    for j in 0..depth {
+        kept.push((d.clone(), width));
+        (d, width) = layer(&d, width, format!("peanut_encoders.{j}.weight"))?;
+    }
+    for j in 0..depth {
+        (d, width) = layer(&d, width, format!("peanut_decoders.{j}.weight"))?;
+        let (res, rw) = &kept[depth - 1 - j];
+        if *rw != width {
+            return Err(Error::Options(format!(
+                "PEANuT decoder {j} gives width {width}, the residual has {rw}"
+            )));
+        }
+        d.iter_mut().zip(res).for_each(|(x, y)| *x += y);
+    }
+    // ΔW = (s · d · Bᵀ)ᵀ with B (out × r'): d·Bᵀ is (in × out).
+    let b = src.read_f32(role(t, "peanut_B.weight")?)?;
+    let s = t.param("scale").unwrap_or(1.0) as f32;
+    let bt = crate::kernels::transpose(&b, out_dim, width);
+    let m = matmul(&d, &bt, in_dim, width, out_dim);
+    Ok(crate::kernels::transpose(&m, in_dim, out_dim)
+        .into_iter()
+        .map(|x| x * s)
+        .collect())
+}
+
+/// The error function, through the Chebyshev-fitted `erfc` approximation of Numerical Recipes
+/// (fractional error below 1.2e-7, far under f32 rounding of the activations).
+fn erf(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let r = t
+        * (-z * z - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07
+                                + t * (-1.135_203_98
+                                    + t * (1.488_515_87
+                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+            .exp();
+    if x >= 0.0 {
+        1.0 - r
+    } else {
+        r - 1.0
     }
 }
 
