@@ -158,7 +158,6 @@ fn unmerge_inverts_every_invertible_family() {
 /// fixtures/peft_more cases adapterkit refuses, each with the reason the README gives.
 const REFUSED_BY_DESIGN: &[&str] = &[
     "llama_osf",
-    "llama_frod",
     "llama_unilora_noidx",
     "llama_tinylora",
     "llama_psoft",
@@ -233,6 +232,7 @@ fn unmerge_newer_tuners() {
             "llama_deft",
             "llama_deft_para",
             "llama_deft_qr",
+            "llama_frod",
             "llama_glora",
             "llama_glora_vec",
             "llama_hira",

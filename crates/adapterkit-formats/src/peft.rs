@@ -608,6 +608,7 @@ pub fn open(path: &Path) -> Result<PeftAdapter> {
         _ => crate::peft_families::build(family, &st_path, &cfg, &json, &file, &mut notes)?,
     };
     let tensor_names = file.tensors().iter().map(|t| t.name.clone()).collect();
+    let shared_tensors = crate::peft_families::shared_tensors(family, &file);
     Ok(PeftAdapter {
         dir,
         config_json: json,
@@ -620,7 +621,7 @@ pub fn open(path: &Path) -> Result<PeftAdapter> {
             modules,
             tensors: Arc::new(file),
             tensor_names,
-            shared_tensors: crate::peft_families::shared_tensors(family),
+            shared_tensors,
             notes,
         },
     })

@@ -35,7 +35,8 @@ fn group<'a>(
     sorted.sort_by_key(|r| std::cmp::Reverse(r.len()));
     for t in file.tensors() {
         // Index tensors (VB-LoRA's saved top-k) are integers; everything else is floating point.
-        let index_tensor = t.name.contains("indices") && t.dtype.is_integer();
+        let index_tensor =
+            (t.name.contains("indices") || t.name.contains("frod_s_size")) && t.dtype.is_integer();
         if !t.dtype.is_float() && !index_tensor {
             problems.push(format!(
                 "tensor {:?}: dtype {} is not a floating-point type",
@@ -467,8 +468,14 @@ fn hra(
 }
 
 /// The tensors a family shares between modules (each must be used at least once).
-pub fn shared_tensors(family: Family) -> Vec<String> {
+pub fn shared_tensors(family: Family, file: &SafetensorsFile) -> Vec<String> {
     match family {
+        Family::Tuner("frod") => file
+            .tensors()
+            .iter()
+            .filter(|t| t.name.starts_with("base_model.frod_"))
+            .map(|t| t.name.clone())
+            .collect(),
         Family::Vera => vec!["base_model.vera_A".into(), "base_model.vera_B".into()],
         Family::VbLora => vec!["base_model.vblora_vector_bank".into()],
         Family::Tuner(name) => TUNERS
@@ -1105,6 +1112,13 @@ const TUNERS: &[TunerSpec] = &[
         bias: false,
     },
     TunerSpec {
+        peft_type: "FROD",
+        family: "frod",
+        roles: &["frod_lambda_l", "frod_lambda_s_values"],
+        shared: &[],
+        bias: false,
+    },
+    TunerSpec {
         peft_type: "WAVEFT",
         family: "waveft",
         roles: &["waveft_spectrum"],
@@ -1132,7 +1146,6 @@ pub fn tuner_family(peft_type: &str) -> Option<Family> {
 pub fn refusal_reason(peft_type: &str) -> Option<&'static str> {
     Some(match peft_type {
         "OSF" => "OSF recomputes its frozen factors from an SVD of the base weight, which this version does not do",
-        "FROD" => "FRoD recomputes U from the base weight with a float64 solve, not implemented yet",
         "TINYLORA" => "TinyLoRA's layer-to-group mapping depends on the model's module order, which the files do not record",
         "PSOFT" => "PSOFT rebuilds its frame from an SVD of the base weight whose signs LAPACK chooses: the result is not reproducible",
         "ADAMSS" => "AdaMSS needs scikit-learn's clustering and its row-to-subspace assignment is not saved",
@@ -1200,6 +1213,24 @@ fn tuner(
             .iter()
             .map(|(r, t)| (r.to_string(), t.name.clone()))
             .collect();
+        if spec.peft_type == "FROD" {
+            // The category's shared frame: base_model.frod_{V,s_indices,s_size}.<category>.
+            let cat = frod_category(&module);
+            for (role, prefix) in [
+                ("frod_V", "base_model.frod_V."),
+                ("frod_s_indices", "base_model.frod_s_indices."),
+                ("frod_s_size", "base_model.frod_s_size."),
+            ] {
+                let name = format!("{prefix}{cat}");
+                if file.tensors().iter().any(|t| t.name == name) {
+                    tensors.push((role.to_string(), name));
+                } else {
+                    problems.push(format!(
+                        "module {module:?}: FRoD's shared {name:?} is missing"
+                    ));
+                }
+            }
+        }
         tensors.extend(spec.shared.iter().map(|s| (s.to_string(), s.to_string())));
         let mut params = Vec::new();
         match spec.peft_type {
@@ -1334,9 +1365,27 @@ fn tuner(
     }
     out.extend(replacements(
         full.into_iter()
-            .filter(|(t, _)| !spec.shared.contains(&t.name.as_str()))
+            .filter(|(t, _)| {
+                !spec.shared.contains(&t.name.as_str()) && !t.name.starts_with("base_model.frod_")
+            })
             .collect(),
         Family::Tuner(spec.family),
     ));
     out
+}
+
+/// FRoD's category of a module path: the last component after a numeric one (`…layers.0.mlp` →
+/// `mlp`), else the last two joined (`self_attn_q_proj`), with BERT's `attention.output.dense`
+/// as `attention_output`.
+pub fn frod_category(module: &str) -> String {
+    let parts: Vec<&str> = module.split('.').collect();
+    match parts.as_slice() {
+        [one] => one.to_string(),
+        [.., a, b] if a.chars().all(|c| c.is_ascii_digit()) => b.to_string(),
+        [.., p, a, b] if *a == "output" && *b == "dense" && *p == "attention" => {
+            "attention_output".into()
+        }
+        [.., a, b] => format!("{a}_{b}"),
+        [] => String::new(),
+    }
 }

@@ -1129,7 +1129,7 @@ pub fn hadamard_factors(
 /// Whether a payload's update depends on the base weight itself (so the executor must hand it
 /// the original tensor).
 pub fn needs_base(payload: &Payload) -> bool {
-    matches!(payload, Payload::Tuner(t) if (t.method == "SUPERTUNING" && t.tensor("supertuning_indices").is_none()) || t.method == "DEFT" || t.method == "PEANUT")
+    matches!(payload, Payload::Tuner(t) if (t.method == "SUPERTUNING" && t.tensor("supertuning_indices").is_none()) || t.method == "DEFT" || t.method == "PEANUT" || t.method == "FROD")
 }
 
 /// [`dense_delta`] for updates that depend on the original base weight `w0` (`out × in`).
@@ -1159,8 +1159,115 @@ pub fn dense_delta_with_base(
         }
         Payload::Tuner(t) if t.method == "DEFT" => deft_delta(src, t, out_dim, in_dim, w0),
         Payload::Tuner(t) if t.method == "PEANUT" => peanut_delta(src, t, out_dim, in_dim, w0),
+        Payload::Tuner(t) if t.method == "FROD" => frod_delta(src, t, out_dim, in_dim, w0),
         other => dense_delta(src, other, out_dim, in_dim),
     }
+}
+
+/// FRoD replaces the weight: `U = colnorm(W·V⁻ᵀ)` (float64), `W' = U·(S + diag(λ_l))·Vᵀ` with
+/// the sparse `S` of its category; the update is `W' − W`.
+fn frod_delta(
+    src: &dyn TensorSource,
+    t: &Tuner,
+    out_dim: usize,
+    in_dim: usize,
+    w0: &[f32],
+) -> Result<Vec<f32>> {
+    let v = src.read_f32(role(t, "frod_V")?)?;
+    let n = dims(src, role(t, "frod_V")?)?[0];
+    if n != in_dim {
+        return Err(Error::Options(format!(
+            "FRoD: V is {n}×{n} for a weight with {in_dim} inputs"
+        )));
+    }
+    // B = W·V⁻ᵀ: Vᵀ solves, row by row, Vᵀ·bᵢ… — as PEFT: solve(V, Wᵀ)ᵀ.
+    let vm: Vec<f64> = v.iter().map(|&x| x as f64).collect();
+    let wt: Vec<f64> = (0..in_dim * out_dim)
+        .map(|k| w0[(k % out_dim) * in_dim + k / out_dim] as f64)
+        .collect();
+    let x = solve_rect(vm, wt, n, out_dim)
+        .ok_or_else(|| Error::Options("FRoD: V is singular".into()))?;
+    // x is (in × out) = V⁻¹Wᵀ; B = xᵀ (out × in); U = B with unit columns.
+    let mut u = vec![0f64; out_dim * in_dim];
+    for c in 0..in_dim {
+        let norm = (0..out_dim)
+            .map(|o| x[c * out_dim + o] * x[c * out_dim + o])
+            .sum::<f64>()
+            .sqrt();
+        for o in 0..out_dim {
+            u[o * in_dim + c] = if norm > 1e-12 {
+                x[c * out_dim + o] / norm
+            } else {
+                0.0
+            };
+        }
+    }
+    let u: Vec<f32> = u.into_iter().map(|x| x as f32).collect();
+    // S + diag(λ_l), n × n.
+    let size = src.read_f32(role(t, "frod_s_size")?)?;
+    let m = size.first().copied().unwrap_or(0.0) as usize;
+    let idx = src.read_f32(role(t, "frod_s_indices")?)?;
+    let vals = src.read_f32(role(t, "frod_lambda_s_values")?)?;
+    let lam = src.read_f32(role(t, "frod_lambda_l")?)?;
+    let mut core = vec![0f32; m * m];
+    let nnz = vals.len();
+    for k in 0..nnz {
+        let (r, c) = (idx[k] as usize, idx[nnz + k] as usize);
+        if r >= m || c >= m {
+            return Err(Error::Options(format!(
+                "FRoD: index ({r}, {c}) outside {m}×{m}"
+            )));
+        }
+        core[r * m + c] += vals[k];
+    }
+    for (i, l) in lam.iter().enumerate().take(m) {
+        core[i * m + i] += l;
+    }
+    // W' = U·core·Vᵀ.
+    let uc = matmul(&u, &core, out_dim, m, m);
+    let vt = crate::kernels::transpose(&v, n, n);
+    let w1 = matmul(&uc, &vt, out_dim, m, in_dim);
+    Ok(w1.iter().zip(w0).map(|(a, b)| a - b).collect())
+}
+
+/// Solve `a · x = rhs` for a square `n×n` `a` and `k` right-hand sides (`rhs` is `n×k`), by
+/// LU with partial pivoting in f64. `None` when singular.
+fn solve_rect(mut a: Vec<f64>, mut rhs: Vec<f64>, n: usize, k: usize) -> Option<Vec<f64>> {
+    for c in 0..n {
+        let p = (c..n).max_by(|&i, &j| a[i * n + c].abs().total_cmp(&a[j * n + c].abs()))?;
+        if a[p * n + c].abs() < 1e-300 {
+            return None;
+        }
+        if p != c {
+            for j in 0..n {
+                a.swap(c * n + j, p * n + j);
+            }
+            for j in 0..k {
+                rhs.swap(c * k + j, p * k + j);
+            }
+        }
+        for i in c + 1..n {
+            let f = a[i * n + c] / a[c * n + c];
+            if f != 0.0 {
+                for j in c..n {
+                    a[i * n + j] -= f * a[c * n + j];
+                }
+                for j in 0..k {
+                    rhs[i * k + j] -= f * rhs[c * k + j];
+                }
+            }
+        }
+    }
+    for c in (0..n).rev() {
+        for j in 0..k {
+            let mut s = rhs[c * k + j];
+            for q in c + 1..n {
+                s -= a[c * n + q] * rhs[q * k + j];
+            }
+            rhs[c * k + j] = s / a[c * n + c];
+        }
+    }
+    Some(rhs)
 }
 
 /// PEANuT: a small residual network of the base weight: `d = act(Wᵀ·Aᵀ)` (in × r), then per
