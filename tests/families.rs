@@ -157,7 +157,6 @@ fn unmerge_inverts_every_invertible_family() {
 
 /// fixtures/peft_more cases adapterkit refuses, each with the reason the README gives.
 const REFUSED_BY_DESIGN: &[&str] = &[
-    "llama_osf",
     "llama_unilora_noidx",
     "llama_tinylora",
     "llama_psoft",
@@ -236,6 +235,7 @@ fn unmerge_newer_tuners() {
             "llama_glora",
             "llama_glora_vec",
             "llama_hira",
+            "llama_osf",
             "llama_peanut",
             "llama_road1",
             "llama_road2",

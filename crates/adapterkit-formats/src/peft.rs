@@ -577,10 +577,13 @@ pub fn open(path: &Path) -> Result<PeftAdapter> {
         _ => "lora_alpha",
     };
     // AdaLoRA's rank_pattern holds rank masks, not ranks; its reader interprets it.
-    let cfg = if family == Family::AdaLora {
+    // Newer tuners give their patterns other meanings (OSF: fractions); they read what they
+    // need from the config themselves.
+    let cfg = if family == Family::AdaLora || matches!(family, Family::Tuner(_)) {
         let mut j = json.clone();
         if let Some(o) = j.as_object_mut() {
             o.remove("rank_pattern");
+            o.remove("alpha_pattern");
         }
         LoraConfig::from_json_keyed(&cfg_path, &j, alpha_key)?
     } else {

@@ -1119,6 +1119,17 @@ const TUNERS: &[TunerSpec] = &[
         bias: false,
     },
     TunerSpec {
+        peft_type: "OSF",
+        family: "osf",
+        roles: &[
+            "osf_svd_params.U_low",
+            "osf_svd_params.S_low",
+            "osf_svd_params.V_low",
+        ],
+        shared: &[],
+        bias: false,
+    },
+    TunerSpec {
         peft_type: "WAVEFT",
         family: "waveft",
         roles: &["waveft_spectrum"],
@@ -1145,7 +1156,6 @@ pub fn tuner_family(peft_type: &str) -> Option<Family> {
 /// Why adapterkit does not merge a PEFT type that PEFT itself can merge (or cannot), if known.
 pub fn refusal_reason(peft_type: &str) -> Option<&'static str> {
     Some(match peft_type {
-        "OSF" => "OSF recomputes its frozen factors from an SVD of the base weight, which this version does not do",
         "TINYLORA" => "TinyLoRA's layer-to-group mapping depends on the model's module order, which the files do not record",
         "PSOFT" => "PSOFT rebuilds its frame from an SVD of the base weight whose signs LAPACK chooses: the result is not reproducible",
         "ADAMSS" => "AdaMSS needs scikit-learn's clustering and its row-to-subspace assignment is not saved",

@@ -1129,7 +1129,7 @@ pub fn hadamard_factors(
 /// Whether a payload's update depends on the base weight itself (so the executor must hand it
 /// the original tensor).
 pub fn needs_base(payload: &Payload) -> bool {
-    matches!(payload, Payload::Tuner(t) if (t.method == "SUPERTUNING" && t.tensor("supertuning_indices").is_none()) || t.method == "DEFT" || t.method == "PEANUT" || t.method == "FROD")
+    matches!(payload, Payload::Tuner(t) if (t.method == "SUPERTUNING" && t.tensor("supertuning_indices").is_none()) || ["DEFT", "PEANUT", "FROD", "OSF"].contains(&t.method.as_str()))
 }
 
 /// [`dense_delta`] for updates that depend on the original base weight `w0` (`out × in`).
@@ -1160,7 +1160,115 @@ pub fn dense_delta_with_base(
         Payload::Tuner(t) if t.method == "DEFT" => deft_delta(src, t, out_dim, in_dim, w0),
         Payload::Tuner(t) if t.method == "PEANUT" => peanut_delta(src, t, out_dim, in_dim, w0),
         Payload::Tuner(t) if t.method == "FROD" => frod_delta(src, t, out_dim, in_dim, w0),
+        Payload::Tuner(t) if t.method == "OSF" => osf_delta(src, t, out_dim, in_dim, w0),
         other => dense_delta(src, other, out_dim, in_dim),
+    }
+}
+
+/// OSF keeps the top `k = min(out, in) − len(S_low)` singular components of the base weight and
+/// replaces the rest by the trained `U_low·diag(S_low)·V_low`: `ΔW = top_k(W) + U·S·V − W`.
+/// The SVD is a one-sided Jacobi in f64; the result does not depend on singular-vector signs.
+fn osf_delta(
+    src: &dyn TensorSource,
+    t: &Tuner,
+    out_dim: usize,
+    in_dim: usize,
+    w0: &[f32],
+) -> Result<Vec<f32>> {
+    let s_low = src.read_f32(role(t, "osf_svd_params.S_low")?)?;
+    let u_low = src.read_f32(role(t, "osf_svd_params.U_low")?)?;
+    let v_low = src.read_f32(role(t, "osf_svd_params.V_low")?)?;
+    let m = out_dim.min(in_dim);
+    let k = m.checked_sub(s_low.len()).ok_or_else(|| {
+        Error::Options(format!(
+            "OSF: {} trained components exceed rank {m}",
+            s_low.len()
+        ))
+    })?;
+    let top = top_k_approx(w0, out_dim, in_dim, k);
+    let mut us = u_low.clone();
+    let r = s_low.len();
+    for row in us.chunks_exact_mut(r.max(1)) {
+        row.iter_mut().zip(&s_low).for_each(|(x, s)| *x *= s);
+    }
+    let low = matmul(&us, &v_low, out_dim, r, in_dim);
+    Ok((0..out_dim * in_dim)
+        .map(|i| (top[i] + low[i] as f64 - w0[i] as f64) as f32)
+        .collect())
+}
+
+/// The best rank-`k` approximation of `w` (`rows × cols`), by one-sided Jacobi SVD in f64.
+fn top_k_approx(w: &[f32], rows: usize, cols: usize, k: usize) -> Vec<f64> {
+    // Work on the orientation with more rows than columns: A (m × n), m ≥ n, columns rotated.
+    let tall = rows >= cols;
+    let (m, n) = if tall { (rows, cols) } else { (cols, rows) };
+    let mut a: Vec<f64> = if tall {
+        w.iter().map(|&x| x as f64).collect()
+    } else {
+        (0..m * n)
+            .map(|idx| w[(idx % n) * cols + idx / n] as f64)
+            .collect()
+    };
+    let mut v = vec![0f64; n * n];
+    (0..n).for_each(|i| v[i * n + i] = 1.0);
+    for _sweep in 0..60 {
+        let mut rotated = false;
+        for p in 0..n {
+            for q in p + 1..n {
+                let (mut alpha, mut beta, mut gamma) = (0f64, 0f64, 0f64);
+                for i in 0..m {
+                    let (x, y) = (a[i * n + p], a[i * n + q]);
+                    alpha += x * x;
+                    beta += y * y;
+                    gamma += x * y;
+                }
+                if gamma.abs() <= 1e-15 * (alpha * beta).sqrt() || gamma == 0.0 {
+                    continue;
+                }
+                rotated = true;
+                let zeta = (beta - alpha) / (2.0 * gamma);
+                let t = zeta.signum() / (zeta.abs() + (1.0 + zeta * zeta).sqrt());
+                let t = if zeta == 0.0 { 1.0 } else { t };
+                let c = 1.0 / (1.0 + t * t).sqrt();
+                let s = c * t;
+                for i in 0..m {
+                    let (x, y) = (a[i * n + p], a[i * n + q]);
+                    a[i * n + p] = c * x - s * y;
+                    a[i * n + q] = s * x + c * y;
+                }
+                for i in 0..n {
+                    let (x, y) = (v[i * n + p], v[i * n + q]);
+                    v[i * n + p] = c * x - s * y;
+                    v[i * n + q] = s * x + c * y;
+                }
+            }
+        }
+        if !rotated {
+            break;
+        }
+    }
+    // Columns of A are σ_j·u_j; keep the k largest.
+    let mut order: Vec<(f64, usize)> = (0..n)
+        .map(|j| ((0..m).map(|i| a[i * n + j] * a[i * n + j]).sum::<f64>(), j))
+        .collect();
+    order.sort_by(|x, y| y.0.total_cmp(&x.0));
+    let mut out = vec![0f64; m * n];
+    for &(_, j) in order.iter().take(k) {
+        for i in 0..m {
+            let aij = a[i * n + j];
+            if aij != 0.0 {
+                for c in 0..n {
+                    out[i * n + c] += aij * v[c * n + j];
+                }
+            }
+        }
+    }
+    if tall {
+        out
+    } else {
+        (0..rows * cols)
+            .map(|idx| out[(idx % cols) * n + idx / cols])
+            .collect()
     }
 }
 
