@@ -12,6 +12,35 @@ use crate::error::{Error, Result};
 /// A VB-LoRA selection: bank vector indices and their weights.
 type Selection = (Vec<usize>, Vec<f32>);
 
+/// `dst[r, c] += v` for a `(2, nnz)` coordinate list `idx` (rows, then columns) and values `vals`,
+/// checking every coordinate against `rows × cols`.
+fn scatter_coo(
+    dst: &mut [f32],
+    rows: usize,
+    cols: usize,
+    idx: &[f32],
+    vals: &[f32],
+    what: &str,
+) -> Result<()> {
+    let nnz = vals.len();
+    if idx.len() != 2 * nnz {
+        return Err(Error::Options(format!(
+            "{what}: {} indices for {nnz} values",
+            idx.len()
+        )));
+    }
+    for (k, v) in vals.iter().enumerate() {
+        let (r, c) = (idx[k] as usize, idx[nnz + k] as usize);
+        if r >= rows || c >= cols {
+            return Err(Error::Options(format!(
+                "{what}: index ({r}, {c}) is outside the {rows}×{cols} matrix"
+            )));
+        }
+        dst[r * cols + c] += v;
+    }
+    Ok(())
+}
+
 /// `a (m×k) · b (k×n)`, row-major, through the register-tiled low-rank kernel.
 fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     let mut c = vec![0f32; m * n];
@@ -738,16 +767,7 @@ fn tuner_delta(
             // W[rows, cols] += values (scaling 1).
             let w = read("shira_weight")?;
             let idx = read("shira_indices")?;
-            let n = w.len();
-            for k in 0..n {
-                let (r, c) = (idx[k] as usize, idx[n + k] as usize);
-                if r >= out_dim || c >= in_dim {
-                    return Err(Error::Options(format!(
-                        "SHiRA index ({r}, {c}) is outside the {out_dim}×{in_dim} weight"
-                    )));
-                }
-                delta[r * in_dim + c] += w[k];
-            }
+            scatter_coo(&mut delta, out_dim, in_dim, &idx, &w, "SHiRA")?;
         }
         "C3A" => {
             // Block-circulant: ΔW[p·b+n, q·b+k] = K[p, q, (k − n) mod b] / in.
@@ -1318,16 +1338,7 @@ fn frod_delta(
     let vals = src.read_f32(role(t, "frod_lambda_s_values")?)?;
     let lam = src.read_f32(role(t, "frod_lambda_l")?)?;
     let mut core = vec![0f32; m * m];
-    let nnz = vals.len();
-    for k in 0..nnz {
-        let (r, c) = (idx[k] as usize, idx[nnz + k] as usize);
-        if r >= m || c >= m {
-            return Err(Error::Options(format!(
-                "FRoD: index ({r}, {c}) outside {m}×{m}"
-            )));
-        }
-        core[r * m + c] += vals[k];
-    }
+    scatter_coo(&mut core, m, m, &idx, &vals, "FRoD")?;
     for (i, l) in lam.iter().enumerate().take(m) {
         core[i * m + i] += l;
     }
