@@ -276,3 +276,91 @@ fn inspect_describes_prompt_learning_adapters() {
         }
     }
 }
+
+/// Hostile shapes: every family adapter with one of its tensors replaced by a wrongly shaped one
+/// is refused with a clean error (or, where the shape happens to be consistent, merged) — never a
+/// panic, never a partial output.
+#[test]
+fn malformed_family_tensors_are_errors_not_panics() {
+    use adapterkit_core::{DType, TensorSource};
+    use adapterkit_formats::safetensors::{write_small, TensorSpec};
+    let mut runs = 0;
+    for set in ["peft", "peft_families", "peft_more"] {
+        for c in manifest(set) {
+            let adapter = fixtures(set).join(c["adapters"][0].as_str().unwrap());
+            let file = adapter.join("adapter_model.safetensors");
+            if !file.is_file() {
+                continue;
+            }
+            let src = SafetensorsFile::open(&file).unwrap();
+            let names: Vec<String> = src.tensors().iter().map(|t| t.name.clone()).collect();
+            for (k, victim) in names.iter().enumerate().take(8) {
+                // Wrong rank, an unrelated 3-D shape, a scalar, and the right rank one too long.
+                let mut longer = src.info(victim).unwrap().shape.clone();
+                if let Some(last) = longer.last_mut() {
+                    *last += 1;
+                }
+                for bad_shape in [vec![3u64], vec![2, 3, 5], vec![], longer] {
+                    let dir = tempfile::tempdir().unwrap();
+                    let a = dir.path().join("adapter");
+                    std::fs::create_dir_all(&a).unwrap();
+                    std::fs::copy(
+                        adapter.join("adapter_config.json"),
+                        a.join("adapter_config.json"),
+                    )
+                    .unwrap();
+                    let mut tensors = Vec::new();
+                    for t in src.tensors() {
+                        let (shape, bytes) = if &t.name == victim {
+                            let n: u64 = bad_shape.iter().product();
+                            (
+                                bad_shape.clone(),
+                                (0..n)
+                                    .flat_map(|i| (0.01 * i as f32 + 0.5).to_le_bytes())
+                                    .collect(),
+                            )
+                        } else {
+                            let mut b = vec![0u8; t.len as usize];
+                            src.read_bytes(&t.name, 0, &mut b).unwrap();
+                            (t.shape.clone(), b)
+                        };
+                        let dtype = if &t.name == victim {
+                            DType::F32
+                        } else {
+                            t.dtype
+                        };
+                        tensors.push((
+                            TensorSpec {
+                                name: t.name.clone(),
+                                dtype,
+                                shape,
+                            },
+                            bytes,
+                        ));
+                    }
+                    write_small(&a.join("adapter_model.safetensors"), &tensors, None).unwrap();
+                    let out = dir.path().join("m.safetensors");
+                    let mut cmd = bin();
+                    cmd.arg("merge")
+                        .arg(fixtures(set).join(c["base"].as_str().unwrap()))
+                        .arg(&a)
+                        .arg("-o")
+                        .arg(&out);
+                    let o = cmd.output().unwrap();
+                    let err = String::from_utf8_lossy(&o.stderr);
+                    assert!(
+                        !err.contains("panicked"),
+                        "{} (tensor {k} {victim} as {bad_shape:?}): {err}",
+                        c["name"]
+                    );
+                    if !o.status.success() {
+                        assert!(err.contains("error: "), "{}: {err}", c["name"]);
+                        assert!(!out.exists(), "{}: output left behind", c["name"]);
+                    }
+                    runs += 1;
+                }
+            }
+        }
+    }
+    assert!(runs > 300, "{runs}");
+}

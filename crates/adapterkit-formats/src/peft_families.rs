@@ -50,6 +50,13 @@ fn group<'a>(
             .find_map(|r| key.strip_suffix(&format!(".{r}")).map(|m| (m, *r)))
         {
             Some((module, role)) => {
+                if t.shape.is_empty() {
+                    problems.push(format!(
+                        "tensor {:?}: a 0-dimensional {role}, where PEFT saves at least one dimension",
+                        t.name
+                    ));
+                    continue;
+                }
                 groups
                     .entry(module.to_string())
                     .or_default()
@@ -1273,7 +1280,11 @@ fn tuner(
                 params.push(("act".into(), act));
             }
             "DEFT" => {
-                let r = parts.get("deft_P").map(|t| t.shape[1]).unwrap_or(1).max(1) as f64;
+                let r = parts
+                    .get("deft_P")
+                    .and_then(|t| t.shape.get(1).copied())
+                    .unwrap_or(1)
+                    .max(1) as f64;
                 params.push(("scale".into(), num("alpha").map(|a| a / r).unwrap_or(1.0)));
                 params.push((
                     "qr".into(),

@@ -1453,6 +1453,12 @@ fn peanut_delta(
     }
     // ΔW = (s · d · Bᵀ)ᵀ with B (out × r'): d·Bᵀ is (in × out).
     let b = src.read_f32(role(t, "peanut_B.weight")?)?;
+    if b.len() != out_dim * width {
+        return Err(Error::Options(format!(
+            "PEANuT: peanut_B has {} values, expected {out_dim}×{width}",
+            b.len()
+        )));
+    }
     let s = t.param("scale").unwrap_or(1.0) as f32;
     let bt = crate::kernels::transpose(&b, out_dim, width);
     let m = matmul(&d, &bt, in_dim, width, out_dim);

@@ -257,6 +257,238 @@ impl Plan {
     }
 }
 
+/// Whether a newer tuner's tensors have the shapes its math indexes for an `out × in` weight
+/// (so malformed files are problems, not out-of-range panics).
+fn tuner_shapes_fit(
+    t: &adapterkit_core::ir::Tuner,
+    dims: &dyn Fn(&str) -> Option<Vec<u64>>,
+    out_dim: u64,
+    in_dim: u64,
+) -> bool {
+    let d = |r: &str| dims(r).unwrap_or_default();
+    let has = |r: &str| t.tensor(r).is_some();
+    match t.method.as_str() {
+        "SHIRA" => {
+            let (w, i) = (d("shira_weight"), d("shira_indices"));
+            w.len() == 1 && i.len() == 2 && i[0] == 2 && i[1] == w[0]
+        }
+        "C3A" => {
+            let k = d("c3a_kernel");
+            k.len() == 3 && k[2] > 0 && k[0] * k[2] == out_dim && k[1] * k[2] == in_dim
+        }
+        "ROAD" => {
+            let (th, al) = (d("road_theta"), d("road_alpha"));
+            let n = th.iter().product::<u64>();
+            th == al && (n * 2 == out_dim || n == out_dim || n == 2 * out_dim)
+        }
+        "DELORA" => {
+            let (a, b, l, w) = (
+                d("delora_A"),
+                d("delora_B"),
+                d("delora_lambda"),
+                d("delora_w_norm"),
+            );
+            a.len() == 2
+                && b.len() == 2
+                && a[1] == in_dim
+                && b[0] == out_dim
+                && a[0] == b[1]
+                && l.iter().product::<u64>() >= 1
+                && w.iter().product::<u64>() == in_dim
+        }
+        "GRALORA" => {
+            let (a, b) = (d("gralora_A"), d("gralora_B"));
+            let ok = a.len() == 3
+                && b.len() == 3
+                && a[0] == b[0]
+                && a[0] > 0
+                && a[2] == b[1]
+                && a[0] * a[1] == in_dim
+                && b[0] * b[2] == out_dim
+                && a[2] % a[0] == 0;
+            let general = match (
+                t.tensor("gralora_A_general.weight"),
+                t.tensor("gralora_B_general.weight"),
+            ) {
+                (None, None) => true,
+                (Some(_), Some(_)) => {
+                    let (ga, gb) = (d("gralora_A_general.weight"), d("gralora_B_general.weight"));
+                    ga.len() == 2
+                        && gb.len() == 2
+                        && ga[1] == in_dim
+                        && gb[0] == out_dim
+                        && ga[0] == gb[1]
+                }
+                _ => false,
+            };
+            ok && general
+        }
+        "PVERA" => {
+            let (a, b, lb, ld) = (
+                d("base_model.pvera_A"),
+                d("base_model.pvera_B"),
+                d("pvera_lambda_b"),
+                d("pvera_lambda_d"),
+            );
+            let r = t.param("r").unwrap_or(0.0) as u64;
+            a.len() == 2
+                && b.len() == 2
+                && a[1] >= in_dim
+                && b[0] >= out_dim
+                && b[1] >= r
+                && a[0] >= r
+                && lb.iter().product::<u64>() == out_dim
+                && ld.iter().product::<u64>() >= r
+        }
+        "UNILORA" => {
+            let (ia, ib, sa, sb) = (
+                d("unilora_indices_A"),
+                d("unilora_indices_B"),
+                d("unilora_scales_A"),
+                d("unilora_scales_B"),
+            );
+            ia.len() == 2
+                && ia == sa
+                && ib == sb
+                && ib.len() == 2
+                && ia[1] == in_dim
+                && ib[0] == out_dim
+                && ia[0] == ib[1]
+        }
+        "HIRA" => {
+            if has("hira_embedding_A") {
+                let (a, b) = (d("hira_embedding_A"), d("hira_embedding_B"));
+                // The embedding's weight is (vocab, dim): out_dim here is the vocabulary.
+                a.len() == 2 && b.len() == 2 && a[1] == out_dim && b[0] == in_dim && a[0] == b[1]
+            } else {
+                let (a, b) = (d("hira_A"), d("hira_B"));
+                a.len() >= 2
+                    && b.len() >= 2
+                    && b[0] == out_dim
+                    && a[0] == b[1]
+                    && b[2..].iter().all(|&x| x == 1)
+                    && a[1..].iter().product::<u64>() == in_dim
+            }
+        }
+        "RANDLORA" => {
+            let (l, g) = (d("randlora_lambda"), d("randlora_gamma"));
+            let a = if has("randlora_A") {
+                d("randlora_A")
+            } else {
+                d("base_model.randlora_A")
+            };
+            let b = if has("randlora_B") {
+                d("randlora_B")
+            } else {
+                d("base_model.randlora_B")
+            };
+            let (mn, mx) = (out_dim.min(in_dim), out_dim.max(in_dim));
+            l.len() == 2
+                && g.len() == 2
+                && a.len() == 3
+                && b.len() == 3
+                && g[0] == l[1]
+                && g[1] == mn
+                && a[0] == l[0]
+                && a[2] >= mn
+                && b[0] >= mx
+                && b[2] == l[0]
+                && b[1] >= l[1]
+        }
+        "WAVEFT" => d("waveft_spectrum").len() == 1 && d("waveft_spectrum")[0] <= out_dim * in_dim,
+        "GLORA" => {
+            // Each path: low-rank Xd (rows, r)·Xu (r, cols), or X with 1 or `rows` values.
+            let path = |name: &str, rows: u64, cols: u64| -> bool {
+                let (xd, xu, x) = (
+                    format!("{name}.Xd"),
+                    format!("{name}.Xu"),
+                    format!("{name}.X"),
+                );
+                match (has(&xd), has(&xu), has(&x)) {
+                    (true, true, false) => {
+                        let (a, b) = (d(&xd), d(&xu));
+                        a.len() == 2 && b.len() == 2 && a[0] == rows && a[1] == b[0] && b[1] == cols
+                    }
+                    (false, false, true) => {
+                        let n = d(&x).iter().product::<u64>();
+                        n == 1 || n == rows
+                    }
+                    (false, false, false) => true,
+                    _ => false,
+                }
+            };
+            path("glora_A", out_dim, in_dim)
+                && path("glora_B", out_dim, in_dim)
+                && path("glora_C", in_dim, 1)
+                && path("glora_D", out_dim, 1)
+                && path("glora_E", out_dim, 1)
+        }
+        "SUPERTUNING" => {
+            let v = d("supertuning_values");
+            let idx_ok = !has("supertuning_indices") || d("supertuning_indices") == v;
+            let lora_ok = match (
+                t.tensor("supertuning_lora_A.weight"),
+                t.tensor("supertuning_lora_B.weight"),
+            ) {
+                (None, None) => true,
+                (Some(_), Some(_)) => {
+                    let (a, b) = (
+                        d("supertuning_lora_A.weight"),
+                        d("supertuning_lora_B.weight"),
+                    );
+                    a.len() == 2
+                        && b.len() == 2
+                        && a[1] == in_dim
+                        && b[0] == out_dim
+                        && a[0] == b[1]
+                }
+                _ => false,
+            };
+            v.len() == 1 && idx_ok && lora_ok
+        }
+        "DEFT" => {
+            let p = d("deft_P");
+            let r_ok =
+                !has("deft_R") || d("deft_R") == vec![p.get(1).copied().unwrap_or(0), in_dim];
+            p.len() == 2 && p[0] == out_dim && r_ok
+        }
+        "PEANUT" => {
+            let (a, b) = (d("peanut_A.weight"), d("peanut_B.weight"));
+            let chain_ok = t
+                .tensors
+                .iter()
+                .filter(|(r, _)| {
+                    r.starts_with("peanut_encoders.") || r.starts_with("peanut_decoders.")
+                })
+                .all(|(r, _)| d(r).len() == 2);
+            a.len() == 2 && b.len() == 2 && a[1] == out_dim && b[0] == out_dim && chain_ok
+        }
+        "FROD" => {
+            let v = d("frod_V");
+            v.len() == 2
+                && v[0] == in_dim
+                && v[1] == in_dim
+                && d("frod_lambda_l").iter().product::<u64>() <= in_dim
+        }
+        "OSF" => {
+            let (u, sv, v) = (
+                d("osf_svd_params.U_low"),
+                d("osf_svd_params.S_low"),
+                d("osf_svd_params.V_low"),
+            );
+            sv.len() == 1
+                && u.len() == 2
+                && v.len() == 2
+                && u[0] == out_dim
+                && v[1] == in_dim
+                && u[1] == sv[0]
+                && v[0] == sv[0]
+                && sv[0] <= out_dim.min(in_dim)
+        }
+        _ => true,
+    }
+}
+
 fn problem(file: &Path, tensor: &str, message: impl Into<String>) -> Problem {
     Problem {
         file: file.to_path_buf(),
@@ -542,9 +774,16 @@ pub fn plan_direction<'a>(
                                     _ => None,
                                 }
                             }
-                            Some((t1, _)) => match (dims(t1), dims(&h.w1a), dims(&h.w1b)) {
+                            Some((t1, t2)) => match (dims(t1), dims(&h.w1a), dims(&h.w1b)) {
                                 (Some(t), Some(a), Some(b))
-                                    if t.len() >= 3 && a.len() == 2 && b.len() == 2 =>
+                                    if t.len() >= 3
+                                        && a.len() == 2
+                                        && b.len() == 2
+                                        && t[0] == a[0]
+                                        && t[1] == b[0]
+                                        && dims(t2) == Some(t.clone())
+                                        && dims(&h.w2a) == Some(a.clone())
+                                        && dims(&h.w2b) == Some(b.clone()) =>
                                 {
                                     let mut s = vec![a[1], b[1]];
                                     s.extend(&t[2..]);
@@ -556,18 +795,27 @@ pub fn plan_direction<'a>(
                         Payload::Kronecker(k) => {
                             let factor = |f: &KronFactor| -> Option<(u64, u64)> {
                                 match f {
-                                    KronFactor::Full(x) => {
-                                        dims(x).map(|d| (d[0], d[1..].iter().product()))
-                                    }
+                                    KronFactor::Full(x) => dims(x)
+                                        .filter(|d| d.len() >= 2)
+                                        .map(|d| (d[0], d[1..].iter().product())),
                                     KronFactor::Product { a, b } => match (dims(a), dims(b)) {
-                                        (Some(a), Some(b)) if a.len() == 2 && a[1] == b[0] => {
+                                        (Some(a), Some(b))
+                                            if a.len() == 2 && b.len() >= 2 && a[1] == b[0] =>
+                                        {
                                             Some((a[0], b[1..].iter().product()))
                                         }
                                         _ => None,
                                     },
+                                    // t (r, r, k…), a (r, p), b (r, q).
                                     KronFactor::Tucker { t, a, b } => {
                                         match (dims(t), dims(a), dims(b)) {
-                                            (Some(t), Some(a), Some(b)) => {
+                                            (Some(t), Some(a), Some(b))
+                                                if t.len() >= 3
+                                                    && a.len() == 2
+                                                    && b.len() == 2
+                                                    && t[0] == a[0]
+                                                    && t[1] == b[0] =>
+                                            {
                                                 Some((a[1], b[1] * t[2..].iter().product::<u64>()))
                                             }
                                             _ => None,
@@ -823,8 +1071,37 @@ pub fn plan_direction<'a>(
                         continue;
                     };
                     let l = bank.shape.get(1).copied().unwrap_or(0);
+                    let nv = bank.shape.first().copied().unwrap_or(0);
+                    // Full logits end in num_vectors; saved top-k have indices (…, k) and the
+                    // first k − 1 weights (…, k − 1) over the same leading dimensions.
+                    let logits_ok = |lg: &VbLogits| -> bool {
+                        match lg {
+                            VbLogits::Full(x) => {
+                                ainfo(x).is_some_and(|t| t.shape.last() == Some(&nv))
+                            }
+                            VbLogits::TopK { indices, weights } => {
+                                match (ainfo(indices), ainfo(weights)) {
+                                    (Some(i), Some(w)) => {
+                                        let (ki, kw) = (
+                                            i.shape.last().copied().unwrap_or(0),
+                                            w.shape.last().copied().unwrap_or(0),
+                                        );
+                                        i.shape.len() == w.shape.len()
+                                            && i.shape[..i.shape.len().saturating_sub(1)]
+                                                == w.shape[..w.shape.len().saturating_sub(1)]
+                                            && ki >= 1
+                                            && kw + 1 == ki
+                                    }
+                                    _ => false,
+                                }
+                            }
+                        }
+                    };
                     // A logits (r, in/L, …), B logits (out/L, r, …).
-                    let ok = info.shape.len() == 2
+                    let ok = bank.shape.len() == 2
+                        && logits_ok(&v.a)
+                        && logits_ok(&v.b)
+                        && info.shape.len() == 2
                         && la.shape.len() == 3
                         && lb.shape.len() == 3
                         && la.shape[1] * l == in_dim
@@ -852,13 +1129,21 @@ pub fn plan_direction<'a>(
                     let fits = match t.method.as_str() {
                         "BEFT" => dims("beft_bias")
                             .is_some_and(|d| d.iter().product::<u64>() == info.numel()),
-                        "SHIRA" => info.shape.len() == 2,
-                        "C3A" => dims("c3a_kernel").is_some_and(|d| {
-                            d.len() == 3 && d[0] * d[2] == out_dim && d[1] * d[2] == in_dim
-                        }),
-                        "ROAD" => info.shape.len() == 2 && !t.fan_in_fan_out,
-                        "HIRA" => info.shape.len() >= 2,
-                        _ => info.shape.len() == 2,
+                        "HIRA" => {
+                            info.shape.len() >= 2
+                                && tuner_shapes_fit(
+                                    t,
+                                    &dims,
+                                    out_dim,
+                                    info.numel() / out_dim.max(1),
+                                )
+                        }
+                        "ROAD" => {
+                            info.shape.len() == 2
+                                && !t.fan_in_fan_out
+                                && tuner_shapes_fit(t, &dims, out_dim, in_dim)
+                        }
+                        _ => info.shape.len() == 2 && tuner_shapes_fit(t, &dims, out_dim, in_dim),
                     };
                     if !fits {
                         problems.push(problem(
