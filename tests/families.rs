@@ -364,3 +364,65 @@ fn malformed_family_tensors_are_errors_not_panics() {
     }
     assert!(runs > 300, "{runs}");
 }
+
+/// Hostile configs: for one adapter of each PEFT type, every config field set in turn to values of
+/// the wrong type or range gives a clean error or a valid merge — never a panic or a partial file.
+#[test]
+fn hostile_config_values_are_errors_not_panics() {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut runs = 0;
+    for set in ["peft", "peft_families", "peft_more"] {
+        for c in manifest(set) {
+            let adapter = fixtures(set).join(c["adapters"][0].as_str().unwrap());
+            let Ok(text) = std::fs::read_to_string(adapter.join("adapter_config.json")) else {
+                continue;
+            };
+            let cfg: Value = serde_json::from_str(&text).unwrap();
+            if !seen.insert(cfg["peft_type"].as_str().unwrap_or_default().to_string())
+                || !adapter.join("adapter_model.safetensors").is_file()
+            {
+                continue;
+            }
+            let keys: Vec<String> = cfg.as_object().unwrap().keys().cloned().collect();
+            for key in keys {
+                for bad in [
+                    serde_json::json!("x"),
+                    serde_json::json!(-1),
+                    serde_json::json!(1e30),
+                    serde_json::json!({"a": [1]}),
+                ] {
+                    let dir = tempfile::tempdir().unwrap();
+                    let a = dir.path().join("adapter");
+                    std::fs::create_dir_all(&a).unwrap();
+                    std::fs::copy(
+                        adapter.join("adapter_model.safetensors"),
+                        a.join("adapter_model.safetensors"),
+                    )
+                    .unwrap();
+                    let mut v = cfg.clone();
+                    v[&key] = bad.clone();
+                    std::fs::write(a.join("adapter_config.json"), v.to_string()).unwrap();
+                    let out = dir.path().join("m.safetensors");
+                    let mut cmd = bin();
+                    cmd.arg("merge")
+                        .arg(fixtures(set).join(c["base"].as_str().unwrap()))
+                        .arg(&a)
+                        .arg("-o")
+                        .arg(&out);
+                    let o = cmd.output().unwrap();
+                    let err = String::from_utf8_lossy(&o.stderr);
+                    assert!(
+                        !err.contains("panicked"),
+                        "{} with {key} = {bad}: {err}",
+                        c["name"]
+                    );
+                    if !o.status.success() {
+                        assert!(!out.exists(), "{}: output left behind", c["name"]);
+                    }
+                    runs += 1;
+                }
+            }
+        }
+    }
+    assert!(runs > 500, "{runs}");
+}

@@ -1266,7 +1266,26 @@ fn tuner(
             "PVERA" => params.push(("r".into(), cfg.r as f64)),
             "PEANUT" => {
                 params.push(("scale".into(), num("scaling").unwrap_or(1.0)));
-                params.push(("depth".into(), num("depth").unwrap_or(1.0)));
+                let depth = num("depth").unwrap_or(1.0);
+                let encoders = parts
+                    .keys()
+                    .filter(|r| r.starts_with("peanut_encoders."))
+                    .count();
+                let decoders = parts
+                    .keys()
+                    .filter(|r| r.starts_with("peanut_decoders."))
+                    .count();
+                if !(depth >= 0.0
+                    && depth.fract() == 0.0
+                    && depth as usize == encoders
+                    && depth as usize == decoders)
+                {
+                    problems.push(format!(
+                        "module {module:?}: PEANuT depth {depth} does not match the {encoders} encoder and {decoders} decoder tensors"
+                    ));
+                    continue;
+                }
+                params.push(("depth".into(), depth));
                 let act = match json.get("act_fn").and_then(Value::as_str).unwrap_or("relu") {
                     "relu" => 0.0,
                     "gelu" => 1.0,
@@ -1346,7 +1365,12 @@ fn tuner(
                 params.push(("taps".into(), taps));
             }
             "ROAD" => {
-                params.push(("group_size".into(), num("group_size").unwrap_or(64.0)));
+                let gs = num("group_size").unwrap_or(64.0);
+                if !(gs >= 2.0 && gs.fract() == 0.0 && (gs as u64) % 2 == 0 && gs < 1e9) {
+                    problems.push(format!("module {module:?}: RoAd group_size must be a positive even integer, found {gs}"));
+                    continue;
+                }
+                params.push(("group_size".into(), gs));
                 let variant = match json
                     .get("variant")
                     .and_then(Value::as_str)

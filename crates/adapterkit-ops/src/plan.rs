@@ -279,7 +279,14 @@ fn tuner_shapes_fit(
         "ROAD" => {
             let (th, al) = (d("road_theta"), d("road_alpha"));
             let n = th.iter().product::<u64>();
-            th == al && (n * 2 == out_dim || n == out_dim || n == 2 * out_dim)
+            let gs = t.param("group_size").unwrap_or(0.0) as u64;
+            // road_1: one (θ, α) per pair; road_2: one per row; road_4: two per row.
+            let want = match t.param("variant").unwrap_or(1.0) as u32 {
+                1 => out_dim / 2,
+                2 => out_dim,
+                _ => 2 * out_dim,
+            };
+            th == al && n == want && gs >= 2 && gs % 2 == 0 && out_dim % gs == 0
         }
         "DELORA" => {
             let (a, b, l, w) = (
