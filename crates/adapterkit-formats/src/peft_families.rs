@@ -161,9 +161,13 @@ fn ia3(
         if !selected(cfg, &module, problems) {
             continue;
         }
-        let feedforward = ff
-            .as_ref()
-            .is_some_and(|s| LoraConfig::selector_matches(s, &module, true));
+        // PEFT's IA3 feedforward test: a list matches by plain `endswith` (no dot boundary, unlike
+        // target_modules), a string by full regex match.
+        let feedforward = match ff.as_ref() {
+            Some(ModuleSelector::List(l)) => l.iter().any(|t| module.ends_with(t.as_str())),
+            Some(sel) => LoraConfig::selector_matches(sel, &module, true),
+            None => false,
+        };
         // A vector with one non-trivial dimension: (1, in) for feedforward linears, (out, 1)
         // otherwise; convs store (1, C, 1, 1) either way. The config says which axis it scales.
         if l.shape.len() < 2 || l.shape.iter().filter(|&&d| d != 1).count() > 1 {
