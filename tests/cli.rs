@@ -743,3 +743,47 @@ fn json_errors_list_each_problem() {
         .iter()
         .any(|p| p["tensor"] == "model.layers.0.self_attn.q_proj.weight"));
 }
+
+#[test]
+fn in_place_reshard_replaces_old_shards_and_keeps_unrelated_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    copy_dir(&fixtures().join("bases/llama_sharded"), &base);
+    std::fs::copy(
+        fixtures().join("bases/conv.safetensors"),
+        base.join("unrelated.safetensors"),
+    )
+    .unwrap();
+    ok(&run(&[
+        &"merge",
+        &base,
+        &fixtures().join("llama_lora/adapter"),
+        &"-o",
+        &base,
+        &"--in-place",
+        &"--shard-size",
+        &"60kB",
+    ]));
+    let mut names: Vec<String> = std::fs::read_dir(&base)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert!(
+        names.contains(&"unrelated.safetensors".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        !names.iter().any(|n| n.ends_with("-of-00007.safetensors")),
+        "old shards left: {names:?}"
+    );
+    let ck = Checkpoint::open(&base).unwrap();
+    assert_eq!(ck.shard_names().len(), 2, "{names:?}");
+    let tensors: Vec<String> = ck.tensors().map(|t| t.name.clone()).collect();
+    assert_close(
+        &ck,
+        &tensors,
+        &fixtures().join("llama_lora/merged.safetensors"),
+        1e-5,
+    );
+}

@@ -499,12 +499,34 @@ pub fn execute(
             .map_err(|e| Error::io(&target, e.error))?;
     }
     if !single_file && !fresh_dir {
-        // Remove shards and an index of an earlier layout that this output no longer has.
+        // Remove the shards and index of an earlier checkpoint layout that this output no
+        // longer has (only files named as a checkpoint's weights are: `model.safetensors`,
+        // `model-0000i-of-0000N.safetensors`, their index, and the base's own shards in place).
+        let previous: Vec<String> = if same_as_base {
+            let mut v = base.shard_names().to_vec();
+            if let CkptLayout::Sharded { index } = base.layout() {
+                v.push(index.clone());
+            }
+            v
+        } else {
+            Vec::new()
+        };
+        let checkpoint_name = |n: &str| {
+            n == "model.safetensors"
+                || n == "model.safetensors.index.json"
+                || n.strip_prefix("model-")
+                    .and_then(|r| r.strip_suffix(".safetensors"))
+                    .is_some_and(|r| {
+                        let b = r.as_bytes();
+                        b.len() == 14
+                            && &r[5..9] == "-of-"
+                            && b[..5].iter().chain(&b[9..]).all(u8::is_ascii_digit)
+                    })
+        };
         if let Ok(dir) = std::fs::read_dir(&output.path) {
             for e in dir.flatten() {
                 let n = e.file_name().to_string_lossy().to_string();
-                let weightish =
-                    n.ends_with(".safetensors") || n.ends_with(".safetensors.index.json");
+                let weightish = checkpoint_name(&n) || previous.contains(&n);
                 if weightish && !written.contains(&n) && !n.starts_with('.') {
                     std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
                 }
