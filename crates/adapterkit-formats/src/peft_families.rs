@@ -1195,7 +1195,21 @@ fn tuner(
             .values()
             .all(|t| spec.shared.contains(&t.name.as_str()))
     });
-    for s in spec.shared {
+    // RandLoRA saved without its bases (dense variant): they are regenerated from torch's CPU
+    // generator seeded with projection_prng_key, as PEFT does at load time.
+    let shared_missing = spec
+        .shared
+        .iter()
+        .any(|s| file.tensors().iter().all(|t| t.name != *s));
+    let randlora_regen = spec.peft_type == "RANDLORA"
+        && shared_missing
+        && !json_bool(json, "sparse", false)
+        && !json_bool(json, "very_sparse", false)
+        && json
+            .get("projection_prng_key")
+            .and_then(Value::as_u64)
+            .is_some();
+    for s in spec.shared.iter().filter(|_| !randlora_regen) {
         if file.tensors().iter().all(|t| t.name != *s) {
             let why = if spec.peft_type == "RANDLORA" || spec.peft_type == "PVERA" {
                 " (saved with save_projection=False: the random bases are not in the file; save it again with save_projection=True)"
@@ -1252,13 +1266,22 @@ fn tuner(
                 }
             }
         }
-        tensors.extend(spec.shared.iter().map(|s| (s.to_string(), s.to_string())));
+        if !randlora_regen {
+            tensors.extend(spec.shared.iter().map(|s| (s.to_string(), s.to_string())));
+        }
         let mut params = Vec::new();
         match spec.peft_type {
-            "RANDLORA" => params.push((
-                "scale".into(),
-                num("randlora_alpha").unwrap_or(640.0) / cfg.r.max(1) as f64,
-            )),
+            "RANDLORA" => {
+                params.push((
+                    "scale".into(),
+                    num("randlora_alpha").unwrap_or(640.0) / cfg.r.max(1) as f64,
+                ));
+                if randlora_regen {
+                    params.push(("regen".into(), 1.0));
+                    params.push(("seed".into(), num("projection_prng_key").unwrap_or(0.0)));
+                    params.push(("r".into(), cfg.r as f64));
+                }
+            }
             "GRALORA" => {
                 let hybrid = num("hybrid_r").unwrap_or(0.0);
                 params.push((

@@ -2,6 +2,7 @@
 //! rows in f32. Every family compiles to these few primitives: a low-rank update (with DoRA), a
 //! dense addition, a scaling along an axis, a replacement.
 
+use adapterkit_core::ir::Payload;
 use adapterkit_core::TensorSource;
 
 use crate::error::Error;
@@ -336,8 +337,25 @@ pub(crate) fn prepare(
                     }
                 }
                 // A few updates depend on the base weight itself (SuperTuning's positions when
-                // not saved): they get the original tensor.
-                let delta = if families::needs_base(payload) {
+                // not saved): they get the original tensor. RandLoRA without saved bases needs the
+                // largest target sizes of its adapter to regenerate them.
+                let regen = matches!(payload, Payload::Tuner(tn) if tn.method == "RANDLORA" && tn.param("regen").is_some());
+                let delta = if regen {
+                    let (mut mo, mut mi) = (0usize, 0usize);
+                    for pt in &plan.tensors {
+                        for op in &pt.ops {
+                            if let OpSpec::Dense { adapter: a2, payload: Payload::Tuner(t2), fan_in_fan_out: f2, .. } = op {
+                                if a2 == adapter && t2.method == "RANDLORA" {
+                                    let (r2, c2) = pt.source.rows_cols();
+                                    let (o2, i2) = if *f2 { (c2, r2) } else { (r2, c2) };
+                                    mo = mo.max(o2 as usize);
+                                    mi = mi.max(i2 as usize);
+                                }
+                            }
+                        }
+                    }
+                    families::randlora_regen_delta(src, payload, out_dim, in_dim, mo.max(mi), mo.min(mi))?
+                } else if families::needs_base(payload) {
                     let w0 = base.read_f32(&t.source.name)?;
                     families::dense_delta_with_base(src, payload, out_dim, in_dim, &w0)?
                 } else {

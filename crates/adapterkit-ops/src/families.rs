@@ -894,8 +894,6 @@ fn tuner_delta(
             }
         }
         "RANDLORA" => {
-            // UA[j] = λ[j/nb, j%nb] · A[j/nb, 0, :mn] ⊙ γ[j%nb]; UB[:, j] = B[:mx, j/r, j%r];
-            // M = UB·UA (mx×mn), ΔW = s·M, transposed when mn is the output side.
             let a_name = t
                 .tensor("randlora_A")
                 .or(t.tensor("base_model.randlora_A"))
@@ -906,33 +904,7 @@ fn tuner_delta(
                 .unwrap_or_default();
             let (a, b) = (src.read_f32(a_name)?, src.read_f32(b_name)?);
             let (ad, bd) = (dims(src, a_name)?, dims(src, b_name)?);
-            let (lam, gam) = (read("randlora_lambda")?, read("randlora_gamma")?);
-            let ld = shape("randlora_lambda")?;
-            let (r, nb) = (ld[0], ld[1]);
-            let (mn, mx) = (out_dim.min(in_dim), out_dim.max(in_dim));
-            let mut m = vec![0f32; mx * mn];
-            for j in 0..r * nb {
-                let (ri, bi) = (j / nb, j % nb);
-                let (bb, br) = (j / r, j % r);
-                for c in 0..mn {
-                    let ua = lam[ri * nb + bi] * a[ri * ad[1] * ad[2] + c] * gam[bi * mn + c];
-                    if ua == 0.0 {
-                        continue;
-                    }
-                    for row in 0..mx {
-                        m[row * mn + c] += b[(row * bd[1] + bb) * bd[2] + br] * ua;
-                    }
-                }
-            }
-            let s = t.param("scale").unwrap_or(1.0) as f32;
-            if mn == in_dim {
-                delta = m.iter().map(|x| x * s).collect();
-            } else {
-                delta = crate::kernels::transpose(&m, mx, mn)
-                    .iter()
-                    .map(|x| x * s)
-                    .collect();
-            }
+            delta = randlora_product(src, t, (&a, &ad), (&b, &bd), out_dim, in_dim)?;
         }
         "WAVEFT" => {
             delta = waveft_delta(src, t, out_dim, in_dim)?;
@@ -944,6 +916,111 @@ fn tuner_delta(
         other => return Err(Error::Options(format!("no dense form for {other}"))),
     }
     Ok(delta)
+}
+
+/// RandLoRA's update from its bases `A (r, 1, ≥mn)` and `B (≥mx, ≥nb, r)`:
+/// `UA[j] = λ[j/nb, j%nb] · A[j/nb, 0, :mn] ⊙ γ[j%nb]`, `UB[:, j] = B[:mx, j/r, j%r]`,
+/// `M = UB·UA (mx×mn)`, `ΔW = s·M`, transposed when `mn` is the output side.
+fn randlora_product(
+    src: &dyn TensorSource,
+    t: &Tuner,
+    (a, ad): (&[f32], &[usize]),
+    (b, bd): (&[f32], &[usize]),
+    out_dim: usize,
+    in_dim: usize,
+) -> Result<Vec<f32>> {
+    let lam = src.read_f32(role(t, "randlora_lambda")?)?;
+    let gam = src.read_f32(role(t, "randlora_gamma")?)?;
+    let ld = dims(src, role(t, "randlora_lambda")?)?;
+    let (r, nb) = (ld[0], ld[1]);
+    let (mn, mx) = (out_dim.min(in_dim), out_dim.max(in_dim));
+    if ad.len() != 3
+        || bd.len() != 3
+        || ad[0] < r
+        || ad[2] < mn
+        || bd[0] < mx
+        || bd[1] < nb
+        || bd[2] != r
+    {
+        return Err(Error::Options(format!(
+            "RandLoRA bases {ad:?}, {bd:?} do not cover rank {r}, {nb} bases, {mx}×{mn}"
+        )));
+    }
+    let mut m = vec![0f32; mx * mn];
+    for j in 0..r * nb {
+        let (ri, bi) = (j / nb, j % nb);
+        let (bb, br) = (j / r, j % r);
+        for c in 0..mn {
+            let ua = lam[ri * nb + bi] * a[ri * ad[1] * ad[2] + c] * gam[bi * mn + c];
+            if ua == 0.0 {
+                continue;
+            }
+            for row in 0..mx {
+                m[row * mn + c] += b[(row * bd[1] + bb) * bd[2] + br] * ua;
+            }
+        }
+    }
+    let s = t.param("scale").unwrap_or(1.0) as f32;
+    Ok(if mn == in_dim {
+        m.iter().map(|x| x * s).collect()
+    } else {
+        crate::kernels::transpose(&m, mx, mn)
+            .iter()
+            .map(|x| x * s)
+            .collect()
+    })
+}
+
+/// RandLoRA saved without its bases: regenerate them as PEFT does at load time — torch's CPU
+/// generator seeded with `projection_prng_key`, `kaiming_uniform_(a=√5)` drawn in bf16 for
+/// `A (r, 1, min_dim)` and then `ceil(min_dim/r)` pieces `(max_dim, 1, r)` concatenated into `B`,
+/// each divided by its own (unbiased) standard deviation in bf16 — where `max_dim × min_dim` are the
+/// largest output and input sizes over the adapter's targets.
+pub fn randlora_regen_delta(
+    src: &dyn TensorSource,
+    payload: &Payload,
+    out_dim: usize,
+    in_dim: usize,
+    max_dim: usize,
+    min_dim: usize,
+) -> Result<Vec<f32>> {
+    let Payload::Tuner(t) = payload else {
+        return Err(Error::Options("not a RandLoRA payload".into()));
+    };
+    let r = t.param("r").unwrap_or(0.0) as usize;
+    if r == 0 {
+        return Err(Error::Options("RandLoRA: r is 0".into()));
+    }
+    let mut g = crate::torch_rng::Mt19937::new(t.param("seed").unwrap_or(0.0) as u64);
+    let nb = min_dim.div_ceil(r);
+    let a = crate::torch_rng::kaiming_uniform_bf16(&mut g, r * min_dim, min_dim);
+    let mut parts = Vec::with_capacity(nb);
+    for _ in 0..nb {
+        parts.push(crate::torch_rng::kaiming_uniform_bf16(
+            &mut g,
+            max_dim * r,
+            r,
+        ));
+    }
+    // cat along dim 1: B[m, b, k] = part_b[m, 0, k].
+    let mut b = vec![0f32; max_dim * nb * r];
+    for (bi, p) in parts.iter().enumerate() {
+        for m in 0..max_dim {
+            b[(m * nb + bi) * r..(m * nb + bi + 1) * r].copy_from_slice(&p[m * r..(m + 1) * r]);
+        }
+    }
+    let (a, b) = (
+        crate::torch_rng::div_std_bf16(&a),
+        crate::torch_rng::div_std_bf16(&b),
+    );
+    randlora_product(
+        src,
+        t,
+        (&a, &[r, 1, min_dim]),
+        (&b, &[max_dim, nb, r]),
+        out_dim,
+        in_dim,
+    )
 }
 
 /// `scaling · Re(ifft2(F))` for an `m × n` spectrum `F` that is zero but for `values` at the flat

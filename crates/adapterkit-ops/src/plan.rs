@@ -379,6 +379,14 @@ fn tuner_shapes_fit(
         }
         "RANDLORA" => {
             let (l, g) = (d("randlora_lambda"), d("randlora_gamma"));
+            if t.param("regen").is_some() {
+                let mn = out_dim.min(in_dim);
+                return l.len() == 2
+                    && g.len() == 2
+                    && g[0] == l[1]
+                    && g[1] == mn
+                    && l[0] == t.param("r").unwrap_or(0.0) as u64;
+            }
             let a = if has("randlora_A") {
                 d("randlora_A")
             } else {

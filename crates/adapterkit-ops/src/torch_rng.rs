@@ -53,6 +53,43 @@ impl Mt19937 {
     }
 }
 
+/// `tensor.uniform_(-bound, bound)` on a bf16 CPU tensor followed by nothing else, as
+/// `kaiming_uniform_(a=√5)` does for a tensor with `fan_in` inputs: each value takes one 32-bit
+/// draw, `x = (u & 0xFFFFFF)·2⁻²⁴`, `v = fma(x, hi − lo, lo)` in f32, rounded to bf16 (nearest
+/// even), and a value equal to `bf16(hi)` becomes `bf16(lo)`. Returned as f32.
+pub fn kaiming_uniform_bf16(g: &mut Mt19937, n: usize, fan_in: usize) -> Vec<f32> {
+    let gain = (2.0f64 / (1.0 + 5.0)).sqrt();
+    let bound = 3.0f64.sqrt() * (gain / (fan_in as f64).sqrt());
+    let (lo, hi) = (-bound as f32, bound as f32);
+    let width = (hi - lo) as f64;
+    let to_bf16 = |v: f32| half::bf16::from_f32(v);
+    let (lo_b, hi_b) = (to_bf16(lo), to_bf16(hi));
+    (0..n)
+        .map(|_| {
+            let x = (g.next_u32() & 0x00ff_ffff) as f64 * (1.0 / 16_777_216.0);
+            let v = (x * width + lo as f64) as f32;
+            let b = to_bf16(v);
+            if b == hi_b {
+                lo_b.to_f32()
+            } else {
+                b.to_f32()
+            }
+        })
+        .collect()
+}
+
+/// PEFT's `t / t.std()` on a bf16 tensor: the unbiased standard deviation (computed wide, rounded to
+/// bf16), then each value divided in f32 and rounded to bf16.
+pub fn div_std_bf16(t: &[f32]) -> Vec<f32> {
+    let n = t.len() as f64;
+    let mean = t.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let var = t.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    let sd = half::bf16::from_f64(var.sqrt()).to_f32();
+    t.iter()
+        .map(|&x| half::bf16::from_f32(x / sd).to_f32())
+        .collect()
+}
+
 /// The first `k` entries of [`randperm`]`(n, seed)`, in `O(k)` time and memory: entry `i` of a
 /// Fisher–Yates shuffle is final once step `i` has run, and the steps touch only the positions
 /// they swap, which a sparse map holds.
