@@ -68,6 +68,16 @@ fn group<'a>(
     (groups, full)
 }
 
+/// A module adapter on `<module>.weight`.
+fn weight_module(module: String, family: Family, payload: Payload) -> ModuleAdapter {
+    ModuleAdapter {
+        target: format!("{module}.weight"),
+        module,
+        family,
+        payload,
+    }
+}
+
 fn replacements(full: Vec<(&TensorInfo, String)>, family: Family) -> Vec<ModuleAdapter> {
     full.into_iter()
         .map(|(t, target)| ModuleAdapter {
@@ -96,7 +106,7 @@ pub fn build(
     let mut problems = Vec::new();
     let mut out = match family {
         Family::Ia3 => ia3(cfg, json, file, &mut problems)?,
-        Family::Loha => loha(cfg, json, file, &mut problems),
+        Family::Loha => loha(cfg, file, &mut problems),
         Family::Lokr => lokr(cfg, file, &mut problems),
         Family::Oft => oft(cfg, json, file, &mut problems),
         Family::Hra => hra(cfg, json, file, &mut problems),
@@ -178,11 +188,10 @@ fn ia3(
             ));
             continue;
         }
-        out.push(ModuleAdapter {
-            target: format!("{module}.weight"),
+        out.push(weight_module(
             module,
-            family: Family::Ia3,
-            payload: Payload::Scale {
+            Family::Ia3,
+            Payload::Scale {
                 tensor: l.name.clone(),
                 axis: if feedforward {
                     ScaleAxis::Input
@@ -191,7 +200,7 @@ fn ia3(
                 },
                 fan_in_fan_out: cfg.fan_in_fan_out,
             },
-        });
+        ));
     }
     out.extend(replacements(full, Family::Ia3));
     Ok(out)
@@ -219,7 +228,6 @@ fn check_rank(
 
 fn loha(
     cfg: &LoraConfig,
-    _json: &Value,
     file: &SafetensorsFile,
     problems: &mut Vec<String>,
 ) -> Vec<ModuleAdapter> {
@@ -263,11 +271,10 @@ fn loha(
         let Some((alpha, scale)) = check_rank(cfg, &module, rank, problems) else {
             continue;
         };
-        out.push(ModuleAdapter {
-            target: format!("{module}.weight"),
+        out.push(weight_module(
             module,
-            family: Family::Loha,
-            payload: Payload::Hadamard(Hadamard {
+            Family::Loha,
+            Payload::Hadamard(Hadamard {
                 w1a: parts["hada_w1_a"].name.clone(),
                 w1b: parts["hada_w1_b"].name.clone(),
                 w2a: parts["hada_w2_a"].name.clone(),
@@ -277,7 +284,7 @@ fn loha(
                 alpha,
                 scale,
             }),
-        });
+        ));
     }
     out.extend(replacements(full, Family::Loha));
     out
@@ -337,18 +344,17 @@ fn lokr(
         let Some((alpha, scale)) = check_rank(cfg, &module, rank, problems) else {
             continue;
         };
-        out.push(ModuleAdapter {
-            target: format!("{module}.weight"),
+        out.push(weight_module(
             module,
-            family: Family::Lokr,
-            payload: Payload::Kronecker(Kronecker {
+            Family::Lokr,
+            Payload::Kronecker(Kronecker {
                 w1,
                 w2,
                 rank,
                 alpha,
                 scale,
             }),
-        });
+        ));
     }
     out.extend(replacements(full, Family::Lokr));
     out
@@ -413,11 +419,10 @@ fn oft(
         if !selected(cfg, &module, problems) {
             continue;
         }
-        out.push(ModuleAdapter {
-            target: format!("{module}.weight"),
+        out.push(weight_module(
             module,
-            family: Family::Oft,
-            payload: Payload::Oft(Oft {
+            Family::Oft,
+            Payload::Oft(Oft {
                 tensor: t.name.clone(),
                 block_size: b,
                 block_share,
@@ -426,7 +431,7 @@ fn oft(
                 fan_in_fan_out: cfg.fan_in_fan_out && !embedding,
                 embedding,
             }),
-        });
+        ));
     }
     out.extend(replacements(full, Family::Oft));
     out
@@ -462,17 +467,16 @@ fn hra(
             ));
             continue;
         }
-        out.push(ModuleAdapter {
-            target: format!("{module}.weight"),
+        out.push(weight_module(
             module,
-            family: Family::Hra,
-            payload: Payload::Householder(Householder {
+            Family::Hra,
+            Payload::Householder(Householder {
                 tensor: t.name.clone(),
                 rank,
                 gram_schmidt,
                 fan_in_fan_out: cfg.fan_in_fan_out,
             }),
-        });
+        ));
     }
     out.extend(replacements(full, Family::Hra));
     out
@@ -531,18 +535,17 @@ fn vera(
         if !selected(cfg, &module, problems) {
             continue;
         }
-        out.push(ModuleAdapter {
-            target: format!("{module}.weight"),
+        out.push(weight_module(
             module,
-            family: Family::Vera,
-            payload: Payload::Vera {
+            Family::Vera,
+            Payload::Vera {
                 a: a.into(),
                 b: b.into(),
                 lambda_b: lb.name.clone(),
                 lambda_d: ld.name.clone(),
                 fan_in_fan_out: cfg.fan_in_fan_out,
             },
-        });
+        ));
     }
     // The projections are not module tensors; everything else unmatched replaces base tensors.
     out.extend(replacements(
@@ -580,17 +583,16 @@ fn fourier(
         if !selected(cfg, &module, problems) {
             continue;
         }
-        out.push(ModuleAdapter {
-            target: format!("{module}.weight"),
+        out.push(weight_module(
             module,
-            family: Family::FourierFt,
-            payload: Payload::Fourier {
+            Family::FourierFt,
+            Payload::Fourier {
                 spectrum: t.name.clone(),
                 seed,
                 scaling,
                 fan_in_fan_out: cfg.fan_in_fan_out,
             },
-        });
+        ));
     }
     out.extend(replacements(full, Family::FourierFt));
     out
@@ -633,16 +635,15 @@ fn boft(
         if !selected(cfg, &module, problems) {
             continue;
         }
-        out.push(ModuleAdapter {
-            target: format!("{module}.weight"),
+        out.push(weight_module(
             module,
-            family: Family::Boft,
-            payload: Payload::Butterfly {
+            Family::Boft,
+            Payload::Butterfly {
                 r: r.name.clone(),
                 s: s.name.clone(),
                 fan_in_fan_out: cfg.fan_in_fan_out,
             },
-        });
+        ));
     }
     if disagree > 0 {
         notes.push(format!(
@@ -728,11 +729,10 @@ fn adalora(
         // ranknum stays init_r after the rank pattern shrinks the module.
         let scaling = if alpha > 0.0 { alpha } else { rank as f64 };
         let scale = (scaling as f32 / (init_r as f32 + 1e-5)) as f64;
-        out.push(ModuleAdapter {
-            target: format!("{module}.weight"),
+        out.push(weight_module(
             module,
-            family: Family::AdaLora,
-            payload: Payload::LowRank(LowRank {
+            Family::AdaLora,
+            Payload::LowRank(LowRank {
                 layer: LayerKind::Linear {
                     fan_in_fan_out: cfg.fan_in_fan_out,
                 },
@@ -745,7 +745,7 @@ fn adalora(
                 magnitude: None,
                 singular_values: Some(e.name.clone()),
             }),
-        });
+        ));
     }
     out.extend(replacements(full, Family::AdaLora));
     Ok(out)
@@ -783,15 +783,14 @@ fn miss(
         if !selected(cfg, &module, problems) {
             continue;
         }
-        out.push(ModuleAdapter {
-            target: format!("{module}.weight"),
+        out.push(weight_module(
             module,
-            family: Family::Miss,
-            payload: Payload::Miss {
+            Family::Miss,
+            Payload::Miss {
                 block: t.name.clone(),
                 mode,
             },
-        });
+        ));
     }
     out.extend(replacements(full, Family::Miss));
     out
@@ -840,18 +839,17 @@ fn vblora(
         if !selected(cfg, &module, problems) {
             continue;
         }
-        out.push(ModuleAdapter {
-            target: format!("{module}.weight"),
+        out.push(weight_module(
             module,
-            family: Family::VbLora,
-            payload: Payload::VbLora(VbLora {
+            Family::VbLora,
+            Payload::VbLora(VbLora {
                 a,
                 b,
                 bank: bank.into(),
                 topk,
                 fan_in_fan_out: cfg.fan_in_fan_out,
             }),
-        });
+        ));
     }
     out.extend(replacements(
         full.into_iter().filter(|(t, _)| t.name != bank).collect(),
