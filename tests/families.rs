@@ -155,6 +155,18 @@ fn unmerge_inverts_every_invertible_family() {
     );
 }
 
+/// `adapterkit merge` of `adapter` into the base of manifest case `c` of `set`.
+fn merge_into_base(set: &str, c: &Value, adapter: &Path, out: &Path) -> std::process::Output {
+    bin()
+        .arg("merge")
+        .arg(fixtures(set).join(c["base"].as_str().unwrap()))
+        .arg(adapter)
+        .arg("-o")
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
 /// fixtures/peft_more cases adapterkit refuses, each with the reason the README gives.
 const REFUSED_BY_DESIGN: &[&str] = &["llama_unilora_noidx", "llama_tinylora", "llama_psoft"];
 
@@ -335,13 +347,7 @@ fn malformed_family_tensors_are_errors_not_panics() {
                     }
                     write_small(&a.join("adapter_model.safetensors"), &tensors, None).unwrap();
                     let out = dir.path().join("m.safetensors");
-                    let mut cmd = bin();
-                    cmd.arg("merge")
-                        .arg(fixtures(set).join(c["base"].as_str().unwrap()))
-                        .arg(&a)
-                        .arg("-o")
-                        .arg(&out);
-                    let o = cmd.output().unwrap();
+                    let o = merge_into_base(set, &c, &a, &out);
                     let err = String::from_utf8_lossy(&o.stderr);
                     assert!(
                         !err.contains("panicked"),
@@ -398,13 +404,7 @@ fn hostile_config_values_are_errors_not_panics() {
                     v[&key] = bad.clone();
                     std::fs::write(a.join("adapter_config.json"), v.to_string()).unwrap();
                     let out = dir.path().join("m.safetensors");
-                    let mut cmd = bin();
-                    cmd.arg("merge")
-                        .arg(fixtures(set).join(c["base"].as_str().unwrap()))
-                        .arg(&a)
-                        .arg("-o")
-                        .arg(&out);
-                    let o = cmd.output().unwrap();
+                    let o = merge_into_base(set, &c, &a, &out);
                     let err = String::from_utf8_lossy(&o.stderr);
                     assert!(
                         !err.contains("panicked"),
