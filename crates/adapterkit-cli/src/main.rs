@@ -2,6 +2,8 @@
 
 mod diff;
 mod inspect;
+mod lowrank;
+mod plot;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -33,6 +35,13 @@ enum Command {
     Inspect(InspectArgs),
     /// Compare two checkpoints tensor by tensor (names, shapes, dtypes, largest differences).
     Diff(DiffArgs),
+    /// Re-factorise a LoRA adapter to a lower rank (optimal truncated SVD, per module).
+    Compress(lowrank::CompressArgs),
+    /// Extract a LoRA adapter from a fine-tuned checkpoint: SVD of W_finetuned − W_base.
+    Extract(lowrank::ExtractArgs),
+    /// Convert an adapter: `--to-family lora` turns any family into a LoRA by an SVD of its
+    /// update.
+    Convert(lowrank::ConvertArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -97,6 +106,16 @@ struct MergeArgs {
 struct InspectArgs {
     /// A model directory, an adapter directory or a .safetensors file.
     path: PathBuf,
+    /// Print each module's singular values, effective rank and energy curve (adapters).
+    #[arg(long)]
+    spectrum: bool,
+    /// With --spectrum: the base checkpoint, for families whose update depends on the base
+    /// weight.
+    #[arg(long, requires = "spectrum")]
+    base: Option<PathBuf>,
+    /// With --spectrum: write a PNG chart of energy kept against rank, one line per module type.
+    #[arg(long, requires = "spectrum")]
+    plot: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -286,12 +305,21 @@ fn main() -> ExitCode {
         Command::Merge(a) | Command::Unmerge(a) => a.json,
         Command::Inspect(a) => a.json,
         Command::Diff(a) => a.json,
+        Command::Compress(a) => a.json,
+        Command::Extract(a) => a.json,
+        Command::Convert(a) => a.json,
     };
     let result = match cli.command {
         Command::Merge(a) => run_merge(a, Direction::Merge),
         Command::Unmerge(a) => run_merge(a, Direction::Unmerge),
+        Command::Inspect(a) if a.spectrum => {
+            lowrank::run_spectrum(&a.path, a.base.as_deref(), a.plot.as_deref(), a.json)
+        }
         Command::Inspect(a) => inspect::run(&a.path, a.json),
         Command::Diff(a) => diff::run(&a.a, &a.b, a.tolerance, a.json),
+        Command::Compress(a) => lowrank::run_compress(a),
+        Command::Extract(a) => lowrank::run_extract(a),
+        Command::Convert(a) => lowrank::run_convert(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

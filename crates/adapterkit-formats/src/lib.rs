@@ -8,13 +8,18 @@
 //! - [`peft`]: PEFT adapter directories (`adapter_config.json` + `adapter_model.safetensors`) into
 //!   the adapter IR (spec: `formats/peft.md`).
 //!
+//! - [`adapter_writer`]: PEFT adapter directories written atomically, tensors streamed through a
+//!   spool file.
+//!
 //! This crate does layout only; arithmetic lives in `adapterkit-ops`.
 
+pub mod adapter_writer;
 pub mod checkpoint;
 pub mod error;
 pub mod peft;
 pub mod peft_families;
 pub mod safetensors;
 
+pub use adapter_writer::AdapterWriter;
 pub use checkpoint::Checkpoint;
 pub use error::{Error, Result};

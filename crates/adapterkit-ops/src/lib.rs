@@ -5,11 +5,15 @@
 //! plan into the output. [`merge`] does both.
 
 mod apply;
+pub mod compress;
+pub mod deltas;
 pub mod error;
 pub mod execute;
+pub mod extract;
 pub mod families;
 pub mod kernels;
 pub mod plan;
+pub mod svd;
 pub mod torch_rng;
 
 pub use error::{Error, Problem, Result};

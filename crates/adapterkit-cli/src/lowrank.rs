@@ -1,0 +1,566 @@
+//! `compress`, `extract`, `convert --to-family lora` and `inspect --spectrum`: the SVD commands.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use adapterkit_core::DType;
+use adapterkit_formats::{peft, AdapterWriter, Checkpoint};
+use adapterkit_ops::compress::{self, LowRankOptions, LowRankReport};
+use adapterkit_ops::deltas::{self, DeltaData};
+use adapterkit_ops::extract::{self, ExtractOptions};
+use adapterkit_ops::svd::{self, RankPolicy, RankRule, SvdMethod, SvdOptions};
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::plot;
+
+/// How ranks are chosen.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RankArgs {
+    /// Keep this rank (capped at each module's own rank).
+    #[arg(long, group = "rule")]
+    pub rank: Option<usize>,
+    /// Keep the smallest rank that retains this fraction of the energy Σσ² (e.g. 0.99).
+    #[arg(long, group = "rule")]
+    pub energy: Option<f64>,
+    /// Keep the smallest rank whose relative Frobenius error ‖ΔW − ΔW_r‖/‖ΔW‖ is at most this.
+    #[arg(long, group = "rule")]
+    pub max_error: Option<f64>,
+    /// Never keep more than this rank.
+    #[arg(long)]
+    pub max_rank: Option<usize>,
+}
+
+impl RankArgs {
+    fn policy(&self, default: Option<RankRule>) -> Result<RankPolicy> {
+        let rule = match (self.rank, self.energy, self.max_error, default) {
+            (Some(r), _, _, _) => RankRule::Rank(r),
+            (_, Some(e), _, _) => RankRule::Energy(e),
+            (_, _, Some(e), _) => RankRule::MaxError(e),
+            (_, _, _, Some(d)) => d,
+            _ => bail!("choose a rank: --rank R, --energy E or --max-error E"),
+        };
+        let p = RankPolicy {
+            rule,
+            max_rank: self.max_rank,
+        };
+        p.validate()?;
+        Ok(p)
+    }
+}
+
+/// Which SVD dense updates get.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SvdArgs {
+    /// Use the randomized SVD for every matrix (default: exact for small matrices, randomized
+    /// when the rank is known and far below the matrix's smaller side).
+    #[arg(long, conflicts_with = "exact")]
+    pub randomized: bool,
+    /// Use the exact thin SVD for every matrix.
+    #[arg(long)]
+    pub exact: bool,
+    /// Randomized SVD: extra random directions beyond the rank.
+    #[arg(long, default_value_t = 10)]
+    pub oversample: usize,
+    /// Randomized SVD: power iterations.
+    #[arg(long, default_value_t = 2)]
+    pub power_iters: usize,
+    /// Randomized SVD: seed of the Gaussian test matrix.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SvdArgs {
+    fn options(&self) -> SvdOptions {
+        SvdOptions {
+            method: if self.randomized {
+                SvdMethod::Randomized
+            } else if self.exact {
+                SvdMethod::Exact
+            } else {
+                SvdMethod::Auto
+            },
+            oversample: self.oversample,
+            power_iters: self.power_iters,
+            seed: self.seed,
+        }
+    }
+}
+
+/// `compress` arguments.
+#[derive(clap::Args, Debug)]
+pub struct CompressArgs {
+    /// A PEFT LoRA adapter directory.
+    pub adapter: PathBuf,
+    /// Output adapter directory.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub rank: RankArgs,
+    /// Give each module its own rank (written to rank_pattern); otherwise every module gets the
+    /// largest rank the rule picks for any module.
+    #[arg(long)]
+    pub per_module: bool,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub force: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `extract` arguments.
+#[derive(clap::Args, Debug)]
+pub struct ExtractArgs {
+    /// The base checkpoint.
+    pub base: PathBuf,
+    /// The fine-tuned checkpoint (same architecture and tensor names).
+    pub finetuned: PathBuf,
+    /// Output adapter directory.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub rank: RankArgs,
+    #[command(flatten)]
+    pub svd: SvdArgs,
+    /// Extract LoRAs for the embeddings and the output head instead of saving them whole
+    /// (modules_to_save).
+    #[arg(long)]
+    pub embed_lora: bool,
+    /// Dtype of the factors: auto (each fine-tuned tensor's own), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub force: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `convert` arguments.
+#[derive(clap::Args, Debug)]
+pub struct ConvertArgs {
+    /// The adapter directory to convert.
+    pub adapter: PathBuf,
+    /// Output adapter directory.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Turn the adapter into this family (by an SVD of each module's update).
+    #[arg(long, value_parser = ["lora"])]
+    pub to_family: String,
+    /// The base checkpoint: needed when a module's update depends on the base weight (OFT,
+    /// BOFT, HRA, IA3, DoRA in other families…) or its shape is not recorded.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    #[command(flatten)]
+    pub rank: RankArgs,
+    #[command(flatten)]
+    pub svd: SvdArgs,
+    /// Give each module its own rank (the default keeps each module's numerical rank).
+    #[arg(long)]
+    pub per_module: bool,
+    /// Dtype of the factors: f32 (default), bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub force: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn factor_dtype(s: &str) -> Result<Option<DType>> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "auto" => None,
+        "f32" | "float32" | "fp32" => Some(DType::F32),
+        "bf16" | "bfloat16" => Some(DType::BF16),
+        "f16" | "float16" | "fp16" => Some(DType::F16),
+        other => bail!("--dtype {other:?}: expected auto, f32, bf16 or f16"),
+    })
+}
+
+fn report_json(rep: &LowRankReport) -> Value {
+    json!(rep
+        .modules
+        .iter()
+        .map(|m| json!({
+            "module": m.module,
+            "shape": [m.rows, m.cols],
+            "rank_before": m.rank_before,
+            "rank": m.rank,
+            "relative_error": m.error,
+            "energy_kept": m.energy,
+            "svd": m.method,
+        }))
+        .collect::<Vec<_>>())
+}
+
+fn print_table(rep: &LowRankReport) {
+    if rep.modules.is_empty() {
+        return;
+    }
+    let width = rep
+        .modules
+        .iter()
+        .map(|m| m.module.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    println!(
+        "{:width$}  {:>11}  {:>6}  {:>11}  {:>9}  svd",
+        "module", "shape", "rank", "rel. error", "energy"
+    );
+    for m in &rep.modules {
+        let rank = match m.rank_before {
+            Some(b) => format!("{b}→{}", m.rank),
+            None => m.rank.to_string(),
+        };
+        println!(
+            "{:width$}  {:>11}  {:>6}  {:>11.3e}  {:>8.4}%  {}",
+            m.module,
+            format!("{}×{}", m.rows, m.cols),
+            rank,
+            m.error,
+            100.0 * m.energy,
+            m.method
+        );
+    }
+}
+
+fn summary(rep: &LowRankReport) -> String {
+    let n = rep.modules.len();
+    if n == 0 {
+        return "no module factorised".into();
+    }
+    let (lo, hi) = rep.modules.iter().fold((usize::MAX, 0), |(lo, hi), m| {
+        (lo.min(m.rank), hi.max(m.rank))
+    });
+    let mean = rep.modules.iter().map(|m| m.error).sum::<f64>() / n as f64;
+    let ranks = if lo == hi {
+        format!("rank {lo}")
+    } else {
+        format!("ranks {lo}–{hi}")
+    };
+    format!(
+        "{n} module(s), {ranks}, relative error max {:.3e}, mean {:.3e}",
+        rep.max_error(),
+        mean
+    )
+}
+
+/// `adapterkit compress`.
+pub fn run_compress(a: CompressArgs) -> Result<()> {
+    let policy = a.rank.policy(None)?;
+    let pa = peft::open(&a.adapter).with_context(|| format!("opening {}", a.adapter.display()))?;
+    let mut out = AdapterWriter::create(&a.output, a.force)?;
+    let opts = LowRankOptions {
+        policy,
+        per_module: a.per_module,
+        svd: SvdOptions::default(),
+    };
+    let started = std::time::Instant::now();
+    let (cfg, rep) = compress::compress(&pa.adapter, &pa.config_json, &opts, &mut out)?;
+    out.finish(&cfg)?;
+    let secs = started.elapsed().as_secs_f64();
+    if a.json {
+        let v = json!({"output": a.output, "modules": report_json(&rep), "seconds": secs});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_table(&rep);
+        println!(
+            "compressed {} into {}: {} in {:.2}s",
+            a.adapter.display(),
+            a.output.display(),
+            summary(&rep),
+            secs
+        );
+    }
+    Ok(())
+}
+
+/// `adapterkit extract`.
+pub fn run_extract(a: ExtractArgs) -> Result<()> {
+    let policy = a.rank.policy(None)?;
+    let dtype = factor_dtype(&a.dtype)?;
+    let base =
+        Checkpoint::open(&a.base).with_context(|| format!("opening base {}", a.base.display()))?;
+    let ft = Checkpoint::open(&a.finetuned)
+        .with_context(|| format!("opening fine-tune {}", a.finetuned.display()))?;
+    if same(&a.output, &a.base) || same(&a.output, &a.finetuned) {
+        bail!("{}: the output cannot be an input", a.output.display());
+    }
+    let svd_opts = a.svd.options();
+    if matches!(policy.rule, RankRule::Energy(_) | RankRule::MaxError(_))
+        && policy.max_rank.is_none()
+        && svd_opts.method == SvdMethod::Auto
+        && !a.json
+    {
+        eprintln!("note: without --max-rank, --energy/--max-error need every singular value: exact SVDs throughout (slow on large models; add --max-rank R to allow the randomized SVD)");
+    }
+    let mut out = AdapterWriter::create(&a.output, a.force)?;
+    let opts = ExtractOptions {
+        lowrank: LowRankOptions {
+            policy,
+            per_module: true,
+            svd: svd_opts,
+        },
+        embed_lora: a.embed_lora,
+        dtype,
+    };
+    let started = std::time::Instant::now();
+    let show = !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let progress = |done: usize, total: usize| {
+        if show {
+            eprint!("\r{done}/{total} tensors   ");
+        }
+    };
+    let (cfg, rep) = extract::extract(&base, &ft, &opts, &mut out, &progress)?;
+    if show {
+        eprint!("\r{:40}\r", "");
+    }
+    out.finish(&cfg)?;
+    let secs = started.elapsed().as_secs_f64();
+    if a.json {
+        let v = json!({
+            "output": a.output,
+            "modules": report_json(&rep.lowrank),
+            "modules_to_save": rep.modules_to_save,
+            "lora_biases": rep.lora_biases,
+            "unchanged_tensors": rep.unchanged,
+            "seconds": secs,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_table(&rep.lowrank);
+        if !rep.modules_to_save.is_empty() {
+            println!(
+                "saved whole (modules_to_save): {}",
+                rep.modules_to_save.join(", ")
+            );
+        }
+        println!(
+            "extracted {} into {}: {}; {} bias(es) as lora_bias, {} module(s) saved whole, {} tensor(s) unchanged; {:.2}s",
+            a.finetuned.display(),
+            a.output.display(),
+            summary(&rep.lowrank),
+            rep.lora_biases,
+            rep.modules_to_save.len(),
+            rep.unchanged,
+            secs
+        );
+    }
+    Ok(())
+}
+
+fn same(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// `adapterkit convert --to-family lora`.
+pub fn run_convert(a: ConvertArgs) -> Result<()> {
+    let policy = a.rank.policy(Some(RankRule::MaxError(1e-6)))?;
+    let dtype = factor_dtype(&a.dtype)?.unwrap_or(DType::F32);
+    let pa = peft::open(&a.adapter).with_context(|| format!("opening {}", a.adapter.display()))?;
+    for n in &pa.adapter.notes {
+        eprintln!("note: {}: {n}", a.adapter.display());
+    }
+    let base = match &a.base {
+        Some(p) => {
+            Some(Checkpoint::open(p).with_context(|| format!("opening base {}", p.display()))?)
+        }
+        None => None,
+    };
+    if same(&a.output, &a.adapter) {
+        bail!("{}: the output cannot be the input", a.output.display());
+    }
+    let ds = deltas::adapter_deltas(
+        &pa.adapter,
+        base.as_ref()
+            .map(|b| (b.root(), b as &dyn adapterkit_core::TensorSource)),
+    )?;
+    let mut out = AdapterWriter::create(&a.output, a.force)?;
+    let opts = LowRankOptions {
+        policy,
+        per_module: a.per_module || a.rank.rank.is_none(),
+        svd: a.svd.options(),
+    };
+    let base_model = pa
+        .adapter
+        .base_model
+        .clone()
+        .or_else(|| a.base.as_ref().map(|p| p.display().to_string()));
+    let started = std::time::Instant::now();
+    let (cfg, rep) = compress::to_lora(
+        &pa.adapter,
+        &ds,
+        base.as_ref()
+            .map(|b| b as &dyn adapterkit_core::TensorSource),
+        base_model.as_deref(),
+        dtype,
+        &opts,
+        &mut out,
+    )?;
+    out.finish(&cfg)?;
+    let secs = started.elapsed().as_secs_f64();
+    if a.json {
+        let v = json!({"output": a.output, "modules": report_json(&rep), "notes": rep.notes, "seconds": secs});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_table(&rep);
+        for n in &rep.notes {
+            eprintln!("note: {n}");
+        }
+        println!(
+            "converted {} ({}) to LoRA in {}: {} in {:.2}s",
+            a.adapter.display(),
+            pa.adapter.method,
+            a.output.display(),
+            summary(&rep),
+            secs
+        );
+    }
+    Ok(())
+}
+
+/// The numerical rank: values above `σ₁ · max(m, n) · ε_f32` (updates are computed in f32).
+fn numerical_rank(s: &[f64], rows: usize, cols: usize) -> usize {
+    let tol = s.first().copied().unwrap_or(0.0) * rows.max(cols) as f64 * f32::EPSILON as f64;
+    s.iter().filter(|&&x| x > tol).count()
+}
+
+/// `adapterkit inspect ADAPTER --spectrum`.
+pub fn run_spectrum(
+    path: &Path,
+    base: Option<&Path>,
+    plot_path: Option<&Path>,
+    as_json: bool,
+) -> Result<()> {
+    let pa = peft::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let base = match base {
+        Some(p) => {
+            Some(Checkpoint::open(p).with_context(|| format!("opening base {}", p.display()))?)
+        }
+        None => None,
+    };
+    let ds = deltas::adapter_deltas(
+        &pa.adapter,
+        base.as_ref()
+            .map(|b| (b.root(), b as &dyn adapterkit_core::TensorSource)),
+    )?;
+    let mut rows_out = Vec::new();
+    let mut curves: BTreeMap<String, Vec<Vec<f64>>> = BTreeMap::new();
+    for md in &ds.matrices {
+        let (s, total_sq) = match &md.data {
+            DeltaData::Product { l, r, k } => {
+                let f = svd::factor_product(&md.module, l, r, md.rows, *k, md.cols)?;
+                (f.svd.s, f.total_sq)
+            }
+            DeltaData::Dense(d) => {
+                let a: Vec<f64> = d.iter().map(|&x| x as f64).collect();
+                let s = svd::singular_values(&md.module, &a, md.rows, md.cols)?;
+                let t = a.iter().map(|x| x * x).sum();
+                (s, t)
+            }
+        };
+        let rank = numerical_rank(&s, md.rows, md.cols);
+        let energy: Vec<f64> = (1..=s.len())
+            .map(|k| svd::energy_kept(&s, total_sq, k))
+            .collect();
+        let at = |e: f64| {
+            svd::RankPolicy {
+                rule: RankRule::Energy(e),
+                max_rank: None,
+            }
+            .choose(&s, total_sq)
+        };
+        let kind = md
+            .module
+            .rsplit('.')
+            .next()
+            .unwrap_or(&md.module)
+            .to_string();
+        curves.entry(kind).or_default().push(energy.clone());
+        rows_out.push(json!({
+            "module": md.module,
+            "target": md.target,
+            "shape": [md.rows, md.cols],
+            "dora_direction_only": md.lora.as_ref().is_some_and(|l| l.magnitude.is_some()),
+            "frobenius": total_sq.sqrt(),
+            "numerical_rank": rank,
+            "effective_rank": svd::effective_rank(&s),
+            "rank_at_energy": {"0.9": at(0.9), "0.99": at(0.99), "0.999": at(0.999)},
+            "singular_values": s,
+            "energy": energy,
+        }));
+    }
+    if let Some(p) = plot_path {
+        let series: Vec<plot::Series> = curves
+            .iter()
+            .map(|(kind, cs)| {
+                let len = cs.iter().map(Vec::len).max().unwrap_or(0);
+                // Mean over the modules of this type; a shorter curve has reached 1.
+                let energy = (0..len)
+                    .map(|k| {
+                        cs.iter().map(|c| *c.get(k).unwrap_or(&1.0)).sum::<f64>() / cs.len() as f64
+                    })
+                    .collect();
+                plot::Series {
+                    label: format!("{kind} ({})", cs.len()),
+                    energy,
+                }
+            })
+            .collect();
+        let title = format!(
+            "energy kept vs rank: {}",
+            path.file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default()
+        );
+        plot::energy_chart(p, &title, &series)?;
+    }
+    if as_json {
+        let v = json!({"adapter": path, "method": pa.adapter.method, "modules": rows_out});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let width = rows_out
+        .iter()
+        .map(|r| r["module"].as_str().unwrap_or("").len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    println!(
+        "{:width$}  {:>11}  {:>5}  {:>7}  {:>5}  {:>5}  top singular values",
+        "module", "shape", "rank", "eff.", "90%", "99%"
+    );
+    for r in &rows_out {
+        let s: Vec<String> = r["singular_values"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .take(4)
+                    .map(|x| format!("{:.4e}", x.as_f64().unwrap_or(0.0)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "{:width$}  {:>11}  {:>5}  {:>7.2}  {:>5}  {:>5}  {}",
+            r["module"].as_str().unwrap_or(""),
+            format!("{}×{}", r["shape"][0], r["shape"][1]),
+            r["numerical_rank"],
+            r["effective_rank"].as_f64().unwrap_or(0.0),
+            r["rank_at_energy"]["0.9"],
+            r["rank_at_energy"]["0.99"],
+            s.join(" ")
+        );
+    }
+    if let Some(p) = plot_path {
+        println!("wrote {}", p.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,348 @@
+//! LoRA extraction from a fine-tune: `ΔW = W_ft − W_base` per module, streamed one tensor at a
+//! time, factorised (exact thin SVD for small matrices, seeded randomized SVD for large ones)
+//! and written as a PEFT LoRA adapter. Unchanged tensors are skipped; embeddings and the output
+//! head go to `modules_to_save` unless asked for as LoRAs; norms and other modules whose change
+//! is not a weight matrix are saved whole (`modules_to_save`, exact); changed biases of LoRA
+//! modules become `lora_bias`.
+
+use std::collections::BTreeMap;
+
+use adapterkit_core::ir::LayerKind;
+use adapterkit_core::{convert, DType, TensorInfo, TensorSource};
+use adapterkit_formats::{AdapterWriter, Checkpoint};
+use serde_json::Value;
+
+use crate::compress::{lora_config, peft_key, LowRankOptions, LowRankReport, ModuleReport};
+use crate::deltas::looks_like_embedding;
+use crate::error::{Error, Problem, Result};
+use crate::svd::{self, RankRule};
+
+/// Options of [`extract`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExtractOptions {
+    /// Rank policy and SVD options. A fixed rank applies to every module; energy and error
+    /// targets pick a rank per module.
+    pub lowrank: LowRankOptions,
+    /// Extract LoRAs for embeddings and the output head too, instead of saving them whole.
+    pub embed_lora: bool,
+    /// Dtype of the written factors (default: each fine-tuned tensor's own float type).
+    pub dtype: Option<DType>,
+}
+
+/// What an extraction did.
+#[derive(Debug, Clone, Default)]
+pub struct ExtractReport {
+    /// Factorised modules, with their truncation errors.
+    pub lowrank: LowRankReport,
+    /// Modules saved whole.
+    pub modules_to_save: Vec<String>,
+    /// Biases written as `lora_bias`.
+    pub lora_biases: usize,
+    /// Tensors identical in both checkpoints.
+    pub unchanged: usize,
+}
+
+fn module_of(name: &str) -> (&str, &str) {
+    match name.rsplit_once('.') {
+        Some((m, p)) => (m, p),
+        None => ("", name),
+    }
+}
+
+fn is_head(module: &str) -> bool {
+    let last = module.rsplit('.').next().unwrap_or(module);
+    matches!(last, "lm_head" | "embed_out" | "output_layer")
+}
+
+fn read_raw(src: &dyn TensorSource, info: &TensorInfo) -> Result<Vec<u8>> {
+    let mut bytes = vec![0u8; info.len as usize];
+    src.read_bytes(&info.name, 0, &mut bytes)?;
+    Ok(bytes)
+}
+
+fn decode(info: &TensorInfo, bytes: &[u8]) -> Result<Vec<f32>> {
+    let mut v = vec![0f32; info.numel() as usize];
+    convert::decode_to_f32(info.dtype, bytes, &mut v)?;
+    Ok(v)
+}
+
+/// Extract a LoRA adapter that turns `base` into `finetuned`, writing it to `out`. `progress`
+/// is called with (tensors done, tensors total).
+pub fn extract(
+    base: &Checkpoint,
+    finetuned: &Checkpoint,
+    opts: &ExtractOptions,
+    out: &mut AdapterWriter,
+    progress: &dyn Fn(usize, usize),
+) -> Result<(Value, ExtractReport)> {
+    opts.lowrank.policy.validate()?;
+    if let RankRule::Rank(_) = opts.lowrank.policy.rule {
+    } else if opts.lowrank.svd.method == svd::SvdMethod::Randomized
+        && opts.lowrank.policy.max_rank.is_none()
+    {
+        return Err(Error::Options(
+            "--randomized with --energy or --max-error needs --max-rank (how many triplets to compute)".into(),
+        ));
+    }
+    // Validate the pairing before any work.
+    let mut problems = Vec::new();
+    let ft_root = finetuned.root().to_path_buf();
+    for t in finetuned.tensors() {
+        match base.info(&t.name) {
+            None => problems.push(Problem {
+                file: ft_root.clone(),
+                tensor: t.name.clone(),
+                message: format!("not in the base {}: a new tensor cannot be an update (was the vocabulary or the architecture changed?)", base.root().display()),
+            }),
+            Some(b) if b.shape != t.shape => problems.push(Problem {
+                file: ft_root.clone(),
+                tensor: t.name.clone(),
+                message: format!(
+                    "shape {:?} but the base has {:?}: resized tensors (e.g. a grown vocabulary) cannot be expressed as an update",
+                    t.shape, b.shape
+                ),
+            }),
+            Some(b) if b.dtype.is_float() != t.dtype.is_float() => problems.push(Problem {
+                file: ft_root.clone(),
+                tensor: t.name.clone(),
+                message: format!("dtype {} but the base has {}", t.dtype, b.dtype),
+            }),
+            _ => {}
+        }
+    }
+    for t in base.tensors() {
+        if finetuned.info(&t.name).is_none() {
+            problems.push(Problem {
+                file: ft_root.clone(),
+                tensor: t.name.clone(),
+                message: format!(
+                    "missing: the base {} has it (tied or dropped weights must match)",
+                    base.root().display()
+                ),
+            });
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::Validation(problems));
+    }
+    let gpt2_like = finetuned
+        .config()
+        .and_then(|c| c.get("model_type"))
+        .and_then(Value::as_str)
+        .is_some_and(|m| m == "gpt2");
+
+    // Modules in file order, each with its tensors.
+    let mut order: Vec<String> = Vec::new();
+    let mut members: BTreeMap<String, Vec<TensorInfo>> = BTreeMap::new();
+    for t in finetuned.tensors() {
+        let (m, _) = module_of(&t.name);
+        if !members.contains_key(m) {
+            order.push(m.to_string());
+        }
+        members.entry(m.to_string()).or_default().push(t.clone());
+    }
+    let total = finetuned.len();
+    let mut done = 0usize;
+    let mut rep = ExtractReport::default();
+    let mut targets = Vec::new();
+    let mut bias_deltas: BTreeMap<String, (DType, Vec<f32>)> = BTreeMap::new();
+    let mut lora_rows: BTreeMap<String, (usize, DType)> = BTreeMap::new();
+    let needed = opts.lowrank.policy.needed();
+    for module in &order {
+        let tensors = &members[module];
+        // Which tensors changed, with their deltas for float tensors.
+        let mut changed: Vec<(TensorInfo, Option<Vec<f32>>)> = Vec::new();
+        for t in tensors {
+            let b = base.info(&t.name).expect("validated").clone();
+            let fb = read_raw(finetuned, t)?;
+            let bb = read_raw(base, &b)?;
+            let same = if b.dtype == t.dtype {
+                fb == bb
+            } else {
+                decode(t, &fb)? == decode(&b, &bb)?
+            };
+            done += 1;
+            if same {
+                rep.unchanged += 1;
+                continue;
+            }
+            let delta = if t.dtype.is_float() {
+                let mut d = decode(t, &fb)?;
+                let w0 = decode(&b, &bb)?;
+                for (x, y) in d.iter_mut().zip(&w0) {
+                    *x -= y;
+                }
+                Some(d)
+            } else {
+                None
+            };
+            changed.push((t.clone(), delta));
+        }
+        progress(done, total);
+        if changed.is_empty() {
+            continue;
+        }
+        let weight = changed
+            .iter()
+            .position(|(t, d)| d.is_some() && t.shape.len() >= 2 && t.name.ends_with(".weight"));
+        let embedding = looks_like_embedding(module);
+        let lora_ok = weight.is_some()
+            && (opts.embed_lora || !(embedding || is_head(module)))
+            && changed.iter().enumerate().all(|(i, (t, d))| {
+                Some(i) == weight
+                    || (d.is_some() && t.name.ends_with(".bias") && t.shape.len() == 1)
+            });
+        if !lora_ok {
+            // Saved whole: every tensor of the module, from the fine-tune.
+            for t in tensors {
+                let bytes = read_raw(finetuned, t)?;
+                out.add(&peft_key(&t.name), t.dtype, t.shape.clone(), &bytes)?;
+            }
+            rep.modules_to_save.push(module.clone());
+            continue;
+        }
+        let wi = weight.expect("checked");
+        let (info, delta) = (&changed[wi].0, changed[wi].1.as_ref().expect("float"));
+        let (srows, scols) = info.rows_cols();
+        let (srows, scols) = (srows as usize, scols as usize);
+        let layer = if info.shape.len() > 2 {
+            LayerKind::Conv {
+                kernel: info.shape[2..].to_vec(),
+            }
+        } else if embedding {
+            LayerKind::Embedding
+        } else {
+            LayerKind::Linear {
+                fan_in_fan_out: gpt2_like,
+            }
+        };
+        let transposed = matches!(
+            layer,
+            LayerKind::Embedding
+                | LayerKind::Linear {
+                    fan_in_fan_out: true
+                }
+        );
+        let (rows, cols, owned);
+        let dense: &[f32] = if transposed {
+            let mut tr = vec![0f32; delta.len()];
+            for i in 0..srows {
+                for j in 0..scols {
+                    tr[j * srows + i] = delta[i * scols + j];
+                }
+            }
+            owned = tr;
+            (rows, cols) = (scols, srows);
+            &owned
+        } else {
+            (rows, cols) = (srows, scols);
+            delta
+        };
+        let f = svd::factor_dense(module, dense, rows, cols, needed, &opts.lowrank.svd)?;
+        let rank = opts.lowrank.policy.choose(&f.svd.s, f.total_sq).max(1);
+        let (b, a) = svd::lora_factors(&f.svd, rank, 1.0);
+        let have = f.svd.s.len().min(rank);
+        let mut a = a;
+        a.resize(rank * cols, 0.0);
+        let b = if have == rank {
+            b
+        } else {
+            let mut w = vec![0f32; rows * rank];
+            for i in 0..rows {
+                w[i * rank..i * rank + have].copy_from_slice(&b[i * have..(i + 1) * have]);
+            }
+            w
+        };
+        let dtype = opts.dtype.unwrap_or(if info.dtype.is_writable_float() {
+            info.dtype
+        } else {
+            DType::F32
+        });
+        let p = peft_key(module);
+        let (an, bn, a_shape, b_shape) = match &layer {
+            LayerKind::Embedding => (
+                format!("{p}.lora_embedding_A"),
+                format!("{p}.lora_embedding_B"),
+                vec![rank as u64, cols as u64],
+                vec![rows as u64, rank as u64],
+            ),
+            LayerKind::Conv { kernel } => {
+                let mut a_shape = vec![rank as u64, info.shape[1]];
+                a_shape.extend(kernel);
+                let mut b_shape = vec![rows as u64, rank as u64];
+                b_shape.extend(kernel.iter().map(|_| 1u64));
+                (
+                    format!("{p}.lora_A.weight"),
+                    format!("{p}.lora_B.weight"),
+                    a_shape,
+                    b_shape,
+                )
+            }
+            LayerKind::Linear { .. } => (
+                format!("{p}.lora_A.weight"),
+                format!("{p}.lora_B.weight"),
+                vec![rank as u64, cols as u64],
+                vec![rows as u64, rank as u64],
+            ),
+        };
+        out.add_f32(&an, dtype, a_shape, &a)?;
+        out.add_f32(&bn, dtype, b_shape, &b)?;
+        rep.lowrank.modules.push(ModuleReport {
+            module: module.clone(),
+            rows,
+            cols,
+            rank_before: None,
+            rank,
+            error: f.error_at(rank),
+            energy: f.energy_at(rank),
+            method: f.kind.name(),
+        });
+        targets.push(module.clone());
+        // Bias deltas of this module.
+        let out_len = info.shape[0] as usize;
+        lora_rows.insert(module.clone(), (out_len, dtype));
+        for (i, (t, d)) in changed.iter().enumerate() {
+            if i != wi {
+                let d = d.clone().expect("float bias");
+                if d.len() != out_len {
+                    return Err(Error::Options(format!(
+                        "{}: {} has {} values but {} has {out_len} outputs",
+                        finetuned.root().display(),
+                        t.name,
+                        d.len(),
+                        info.name
+                    )));
+                }
+                bias_deltas.insert(module.clone(), (dtype, d));
+            }
+        }
+    }
+    progress(total, total);
+    let lora_bias = !bias_deltas.is_empty();
+    if lora_bias {
+        // PEFT's lora_bias is global: every LoRA module carries a bias, zero where unchanged.
+        for (module, (n, dtype)) in &lora_rows {
+            let (dtype, b) = bias_deltas
+                .remove(module)
+                .unwrap_or_else(|| (*dtype, vec![0.0; *n]));
+            out.add_f32(
+                &format!("{}.lora_B.bias", peft_key(module)),
+                dtype,
+                vec![*n as u64],
+                &b,
+            )?;
+            rep.lora_biases += 1;
+        }
+    }
+    let base_name = base.root().display().to_string();
+    let cfg = lora_config(
+        Some(&base_name),
+        &rep.lowrank.modules,
+        targets,
+        rep.modules_to_save.clone(),
+        gpt2_like,
+        lora_bias,
+        false,
+    );
+    Ok((cfg, rep))
+}
