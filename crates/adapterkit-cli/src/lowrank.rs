@@ -382,6 +382,7 @@ pub fn run_convert(a: ConvertArgs) -> Result<()> {
         &pa.adapter,
         base.as_ref()
             .map(|b| (b.root(), b as &dyn adapterkit_core::TensorSource)),
+        false,
     )?;
     let mut out = AdapterWriter::create(&a.output, a.force)?;
     let opts = LowRankOptions {
@@ -451,6 +452,7 @@ pub fn run_spectrum(
         &pa.adapter,
         base.as_ref()
             .map(|b| (b.root(), b as &dyn adapterkit_core::TensorSource)),
+        true,
     )?;
     let mut rows_out = Vec::new();
     let mut curves: BTreeMap<String, Vec<Vec<f64>>> = BTreeMap::new();
@@ -489,6 +491,7 @@ pub fn run_spectrum(
             "module": md.module,
             "target": md.target,
             "shape": [md.rows, md.cols],
+            // Without a base, a DoRA module's spectrum is that of its direction B·A only.
             "dora_direction_only": md.lora.as_ref().is_some_and(|l| l.magnitude.is_some()),
             "frobenius": total_sq.sqrt(),
             "numerical_rank": rank,

@@ -297,10 +297,12 @@ pub fn lora_products(adapter: &Adapter) -> Result<Vec<ModuleDelta>> {
 
 /// Compute every update `adapter` makes. `base` is needed for updates that depend on the base
 /// weight and for families whose files do not record the layer's shape; without it, such a
-/// module is an error that names it.
+/// module is an error that names it. A DoRA module's update is its LoRA direction `B·A` (what a
+/// DoRA adapter stores), or with `dora_whole` and a base, the whole `W′ − W`.
 pub fn adapter_deltas(
     adapter: &Adapter,
     base: Option<(&Path, &dyn TensorSource)>,
+    dora_whole: bool,
 ) -> Result<Deltas> {
     let zero;
     let (base_path, src): (&Path, &dyn TensorSource) = match base {
@@ -386,9 +388,11 @@ pub fn adapter_deltas(
         if let ([OpSpec::LowRank { .. }], Payload::LowRank(lr), true) =
             (t.ops.as_slice(), &first.payload, matrix)
         {
-            out.matrices
-                .push(lora_product(adapter, &first.module, name, shape, lr)?);
-            continue;
+            if !(dora_whole && lr.magnitude.is_some() && base.is_some()) {
+                out.matrices
+                    .push(lora_product(adapter, &first.module, name, shape, lr)?);
+                continue;
+            }
         }
         let all_additive = t.ops.iter().all(|op| additive(op, adapter));
         let replacement = match (t.ops.as_slice(), &first.payload) {
