@@ -562,12 +562,10 @@ fn randomized_svd_is_close_to_exact() {
             seed: 7,
         };
         let r = adapterkit_linalg::randomized_svd(&a, shape[0], shape[1], opts).unwrap();
-        for i in 0..20 {
+        for (i, (got, want)) in r.s.iter().zip(&exact).take(20).enumerate() {
             assert!(
-                (r.s[i] - exact[i]).abs() <= 1e-4 * exact[i],
-                "{name} σ{i}: {} vs {}",
-                r.s[i],
-                exact[i]
+                (got - want).abs() <= 1e-4 * want,
+                "{name} σ{i}: {got} vs {want}"
             );
         }
         let again = adapterkit_linalg::randomized_svd(&a, shape[0], shape[1], opts).unwrap();
