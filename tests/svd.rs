@@ -455,7 +455,10 @@ fn every_family_converts_to_a_lora_that_merges_the_same() {
         common::assert_close(&m, &names, &svd_path(c["expected"].as_str().unwrap()), 1e-5);
         converted += 1;
     }
-    assert_eq!(converted, 83, "every f32 single-adapter fixture but the refused ones");
+    assert_eq!(
+        converted, 83,
+        "every f32 single-adapter fixture but the refused ones"
+    );
 }
 
 /// Additive families need no base; multiplicative ones say that they need it.

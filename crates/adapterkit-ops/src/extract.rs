@@ -66,6 +66,54 @@ fn decode(info: &TensorInfo, bytes: &[u8]) -> Result<Vec<f32>> {
     Ok(v)
 }
 
+/// One module as read: its changed tensors (with `ΔW` for float ones) and how many were equal.
+struct Loaded {
+    module: String,
+    changed: Vec<(TensorInfo, Option<Vec<f32>>)>,
+    unchanged: usize,
+}
+
+fn load_module(
+    base: &Checkpoint,
+    finetuned: &Checkpoint,
+    module: &str,
+    tensors: &[TensorInfo],
+) -> Result<Loaded> {
+    let mut changed = Vec::new();
+    let mut unchanged = 0;
+    for t in tensors {
+        let b = base.info(&t.name).expect("validated").clone();
+        let fb = read_raw(finetuned, t)?;
+        let bb = read_raw(base, &b)?;
+        let same = if b.dtype == t.dtype {
+            fb == bb
+        } else {
+            decode(t, &fb)? == decode(&b, &bb)?
+        };
+        if same {
+            unchanged += 1;
+            continue;
+        }
+        let delta = if t.dtype.is_float() {
+            let mut d = decode(t, &fb)?;
+            drop(fb);
+            let w0 = decode(&b, &bb)?;
+            for (x, y) in d.iter_mut().zip(&w0) {
+                *x -= y;
+            }
+            Some(d)
+        } else {
+            None
+        };
+        changed.push((t.clone(), delta));
+    }
+    Ok(Loaded {
+        module: module.to_string(),
+        changed,
+        unchanged,
+    })
+}
+
 /// Extract a LoRA adapter that turns `base` into `finetuned`, writing it to `out`. `progress`
 /// is called with (tensors done, tensors total).
 pub fn extract(
@@ -148,175 +196,172 @@ pub fn extract(
     let mut bias_deltas: BTreeMap<String, (DType, Vec<f32>)> = BTreeMap::new();
     let mut lora_rows: BTreeMap<String, (usize, DType)> = BTreeMap::new();
     let needed = opts.lowrank.policy.needed();
-    for module in &order {
-        let tensors = &members[module];
-        // Which tensors changed, with their deltas for float tensors.
-        let mut changed: Vec<(TensorInfo, Option<Vec<f32>>)> = Vec::new();
-        for t in tensors {
-            let b = base.info(&t.name).expect("validated").clone();
-            let fb = read_raw(finetuned, t)?;
-            let bb = read_raw(base, &b)?;
-            let same = if b.dtype == t.dtype {
-                fb == bb
-            } else {
-                decode(t, &fb)? == decode(&b, &bb)?
-            };
-            done += 1;
-            if same {
-                rep.unchanged += 1;
+    // A reader thread loads the next module (reads, comparison, ΔW in f32) while this one
+    // factorises the current: at most three modules' deltas are alive at once (one being
+    // factorised, one queued, one being read).
+    std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Loaded>>(1);
+        let (order, members) = (&order, &members);
+        scope.spawn(move || {
+            for module in order {
+                let loaded = load_module(base, finetuned, module, &members[module]);
+                let failed = loaded.is_err();
+                if tx.send(loaded).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        for loaded in rx {
+            let Loaded {
+                module,
+                changed,
+                unchanged,
+            } = loaded?;
+            let module = &module;
+            let tensors = &members[module];
+            done += tensors.len();
+            rep.unchanged += unchanged;
+            progress(done, total);
+            if changed.is_empty() {
                 continue;
             }
-            let delta = if t.dtype.is_float() {
-                let mut d = decode(t, &fb)?;
-                let w0 = decode(&b, &bb)?;
-                for (x, y) in d.iter_mut().zip(&w0) {
-                    *x -= y;
-                }
-                Some(d)
-            } else {
-                None
-            };
-            changed.push((t.clone(), delta));
-        }
-        progress(done, total);
-        if changed.is_empty() {
-            continue;
-        }
-        let weight = changed
-            .iter()
-            .position(|(t, d)| d.is_some() && t.shape.len() >= 2 && t.name.ends_with(".weight"));
-        let embedding = looks_like_embedding(module);
-        let lora_ok = weight.is_some()
-            && (opts.embed_lora || !(embedding || is_head(module)))
-            && changed.iter().enumerate().all(|(i, (t, d))| {
-                Some(i) == weight
-                    || (d.is_some() && t.name.ends_with(".bias") && t.shape.len() == 1)
+            let weight = changed.iter().position(|(t, d)| {
+                d.is_some() && t.shape.len() >= 2 && t.name.ends_with(".weight")
             });
-        if !lora_ok {
-            // Saved whole: every tensor of the module, from the fine-tune.
-            for t in tensors {
-                let bytes = read_raw(finetuned, t)?;
-                out.add(&peft_key(&t.name), t.dtype, t.shape.clone(), &bytes)?;
-            }
-            rep.modules_to_save.push(module.clone());
-            continue;
-        }
-        let wi = weight.expect("checked");
-        let (info, delta) = (&changed[wi].0, changed[wi].1.as_ref().expect("float"));
-        let (srows, scols) = info.rows_cols();
-        let (srows, scols) = (srows as usize, scols as usize);
-        let layer = if info.shape.len() > 2 {
-            LayerKind::Conv {
-                kernel: info.shape[2..].to_vec(),
-            }
-        } else if embedding {
-            LayerKind::Embedding
-        } else {
-            LayerKind::Linear {
-                fan_in_fan_out: gpt2_like,
-            }
-        };
-        let transposed = matches!(
-            layer,
-            LayerKind::Embedding
-                | LayerKind::Linear {
-                    fan_in_fan_out: true
+            let embedding = looks_like_embedding(module);
+            let lora_ok = weight.is_some()
+                && (opts.embed_lora || !(embedding || is_head(module)))
+                && changed.iter().enumerate().all(|(i, (t, d))| {
+                    Some(i) == weight
+                        || (d.is_some() && t.name.ends_with(".bias") && t.shape.len() == 1)
+                });
+            if !lora_ok {
+                // Saved whole: every tensor of the module, from the fine-tune.
+                for t in tensors {
+                    let bytes = read_raw(finetuned, t)?;
+                    out.add(&peft_key(&t.name), t.dtype, t.shape.clone(), &bytes)?;
                 }
-        );
-        let (rows, cols, owned);
-        let dense: &[f32] = if transposed {
-            let mut tr = vec![0f32; delta.len()];
-            for i in 0..srows {
-                for j in 0..scols {
-                    tr[j * srows + i] = delta[i * scols + j];
+                rep.modules_to_save.push(module.clone());
+                continue;
+            }
+            let wi = weight.expect("checked");
+            let (info, delta) = (&changed[wi].0, changed[wi].1.as_ref().expect("float"));
+            let (srows, scols) = info.rows_cols();
+            let (srows, scols) = (srows as usize, scols as usize);
+            let layer = if info.shape.len() > 2 {
+                LayerKind::Conv {
+                    kernel: info.shape[2..].to_vec(),
                 }
-            }
-            owned = tr;
-            (rows, cols) = (scols, srows);
-            &owned
-        } else {
-            (rows, cols) = (srows, scols);
-            delta
-        };
-        let f = svd::factor_dense(module, dense, rows, cols, needed, &opts.lowrank.svd)?;
-        let rank = opts.lowrank.policy.choose(&f.svd.s, f.total_sq).max(1);
-        let (b, a) = svd::lora_factors(&f.svd, rank, 1.0);
-        let have = f.svd.s.len().min(rank);
-        let mut a = a;
-        a.resize(rank * cols, 0.0);
-        let b = if have == rank {
-            b
-        } else {
-            let mut w = vec![0f32; rows * rank];
-            for i in 0..rows {
-                w[i * rank..i * rank + have].copy_from_slice(&b[i * have..(i + 1) * have]);
-            }
-            w
-        };
-        let dtype = opts.dtype.unwrap_or(if info.dtype.is_writable_float() {
-            info.dtype
-        } else {
-            DType::F32
-        });
-        let p = peft_key(module);
-        let (an, bn, a_shape, b_shape) = match &layer {
-            LayerKind::Embedding => (
-                format!("{p}.lora_embedding_A"),
-                format!("{p}.lora_embedding_B"),
-                vec![rank as u64, cols as u64],
-                vec![rows as u64, rank as u64],
-            ),
-            LayerKind::Conv { kernel } => {
-                let mut a_shape = vec![rank as u64, info.shape[1]];
-                a_shape.extend(kernel);
-                let mut b_shape = vec![rows as u64, rank as u64];
-                b_shape.extend(kernel.iter().map(|_| 1u64));
-                (
+            } else if embedding {
+                LayerKind::Embedding
+            } else {
+                LayerKind::Linear {
+                    fan_in_fan_out: gpt2_like,
+                }
+            };
+            let transposed = matches!(
+                layer,
+                LayerKind::Embedding
+                    | LayerKind::Linear {
+                        fan_in_fan_out: true
+                    }
+            );
+            let (rows, cols, owned);
+            let dense: &[f32] = if transposed {
+                let mut tr = vec![0f32; delta.len()];
+                for i in 0..srows {
+                    for j in 0..scols {
+                        tr[j * srows + i] = delta[i * scols + j];
+                    }
+                }
+                owned = tr;
+                (rows, cols) = (scols, srows);
+                &owned
+            } else {
+                (rows, cols) = (srows, scols);
+                delta
+            };
+            let f = svd::factor_dense(module, dense, rows, cols, needed, &opts.lowrank.svd)?;
+            let rank = opts.lowrank.policy.choose(&f.svd.s, f.total_sq).max(1);
+            let (b, a) = svd::lora_factors(&f.svd, rank, 1.0);
+            let have = f.svd.s.len().min(rank);
+            let mut a = a;
+            a.resize(rank * cols, 0.0);
+            let b = if have == rank {
+                b
+            } else {
+                let mut w = vec![0f32; rows * rank];
+                for i in 0..rows {
+                    w[i * rank..i * rank + have].copy_from_slice(&b[i * have..(i + 1) * have]);
+                }
+                w
+            };
+            let dtype = opts.dtype.unwrap_or(if info.dtype.is_writable_float() {
+                info.dtype
+            } else {
+                DType::F32
+            });
+            let p = peft_key(module);
+            let (an, bn, a_shape, b_shape) = match &layer {
+                LayerKind::Embedding => (
+                    format!("{p}.lora_embedding_A"),
+                    format!("{p}.lora_embedding_B"),
+                    vec![rank as u64, cols as u64],
+                    vec![rows as u64, rank as u64],
+                ),
+                LayerKind::Conv { kernel } => {
+                    let mut a_shape = vec![rank as u64, info.shape[1]];
+                    a_shape.extend(kernel);
+                    let mut b_shape = vec![rows as u64, rank as u64];
+                    b_shape.extend(kernel.iter().map(|_| 1u64));
+                    (
+                        format!("{p}.lora_A.weight"),
+                        format!("{p}.lora_B.weight"),
+                        a_shape,
+                        b_shape,
+                    )
+                }
+                LayerKind::Linear { .. } => (
                     format!("{p}.lora_A.weight"),
                     format!("{p}.lora_B.weight"),
-                    a_shape,
-                    b_shape,
-                )
-            }
-            LayerKind::Linear { .. } => (
-                format!("{p}.lora_A.weight"),
-                format!("{p}.lora_B.weight"),
-                vec![rank as u64, cols as u64],
-                vec![rows as u64, rank as u64],
-            ),
-        };
-        out.add_f32(&an, dtype, a_shape, &a)?;
-        out.add_f32(&bn, dtype, b_shape, &b)?;
-        rep.lowrank.modules.push(ModuleReport {
-            module: module.clone(),
-            rows,
-            cols,
-            rank_before: None,
-            rank,
-            error: f.error_at(rank),
-            energy: f.energy_at(rank),
-            method: f.kind.name(),
-        });
-        targets.push(module.clone());
-        // Bias deltas of this module.
-        let out_len = info.shape[0] as usize;
-        lora_rows.insert(module.clone(), (out_len, dtype));
-        for (i, (t, d)) in changed.iter().enumerate() {
-            if i != wi {
-                let d = d.clone().expect("float bias");
-                if d.len() != out_len {
-                    return Err(Error::Options(format!(
-                        "{}: {} has {} values but {} has {out_len} outputs",
-                        finetuned.root().display(),
-                        t.name,
-                        d.len(),
-                        info.name
-                    )));
+                    vec![rank as u64, cols as u64],
+                    vec![rows as u64, rank as u64],
+                ),
+            };
+            out.add_f32(&an, dtype, a_shape, &a)?;
+            out.add_f32(&bn, dtype, b_shape, &b)?;
+            rep.lowrank.modules.push(ModuleReport {
+                module: module.clone(),
+                rows,
+                cols,
+                rank_before: None,
+                rank,
+                error: f.error_at(rank),
+                energy: f.energy_at(rank),
+                method: f.kind.name(),
+            });
+            targets.push(module.clone());
+            // Bias deltas of this module.
+            let out_len = info.shape[0] as usize;
+            lora_rows.insert(module.clone(), (out_len, dtype));
+            for (i, (t, d)) in changed.iter().enumerate() {
+                if i != wi {
+                    let d = d.clone().expect("float bias");
+                    if d.len() != out_len {
+                        return Err(Error::Options(format!(
+                            "{}: {} has {} values but {} has {out_len} outputs",
+                            finetuned.root().display(),
+                            t.name,
+                            d.len(),
+                            info.name
+                        )));
+                    }
+                    bias_deltas.insert(module.clone(), (dtype, d));
                 }
-                bias_deltas.insert(module.clone(), (dtype, d));
             }
         }
-    }
+        Ok(())
+    })?;
     progress(total, total);
     let lora_bias = !bias_deltas.is_empty();
     if lora_bias {
