@@ -447,6 +447,11 @@ fn every_family_converts_to_a_lora_that_merges_the_same() {
             failed(&out);
             continue;
         }
+        if ["llama_ln_tuning", "llama_beft"].contains(&c["name"].as_str().unwrap()) {
+            let err = failed(&out);
+            assert!(err.contains("changes no weight matrix"), "{err}");
+            continue;
+        }
         ok(&out);
         let merged = dir.path().join(format!("m{i}.safetensors"));
         ok(&run(&[&"merge", &base, &out_dir, &"-o", &merged]));
@@ -456,7 +461,7 @@ fn every_family_converts_to_a_lora_that_merges_the_same() {
         converted += 1;
     }
     assert_eq!(
-        converted, 83,
+        converted, 81,
         "every f32 single-adapter fixture but the refused ones"
     );
 }

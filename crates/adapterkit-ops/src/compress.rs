@@ -275,6 +275,13 @@ pub fn to_lora(
     out: &mut AdapterWriter,
 ) -> Result<(Value, LowRankReport)> {
     opts.policy.validate()?;
+    if deltas.matrices.is_empty() {
+        return Err(Error::Options(format!(
+            "{}: this {} adapter changes no weight matrix (only vectors such as biases or norms), so it has no LoRA form (PEFT refuses a LoRA without target modules); merge it as it is",
+            adapter.path.display(),
+            adapter.method
+        )));
+    }
     let needed = opts.policy.needed();
     let fs: Vec<Factored> = deltas
         .matrices
