@@ -114,6 +114,53 @@ impl AdapterWriter {
         Ok(())
     }
 
+    /// Append a tensor of `len` bytes produced piecewise: `fill(offset, buf)` must fill `buf`
+    /// with the bytes at `offset`. Large tensors are copied through a fixed buffer.
+    pub fn add_from(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        shape: Vec<u64>,
+        len: u64,
+        fill: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        let numel = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+        if numel.and_then(|n| dtype.byte_len(n)) != Some(len) {
+            return Err(Error::InvalidTensor {
+                path: self.target.clone(),
+                tensor: name.to_string(),
+                message: format!("{len} bytes for {dtype} {shape:?}"),
+            });
+        }
+        if self.entries.iter().any(|(s, _, _)| s.name == name) {
+            return Err(Error::DuplicateTensor {
+                path: self.target.clone(),
+                tensor: name.to_string(),
+            });
+        }
+        let mut buf = vec![0u8; (len as usize).min(4 << 20)];
+        let mut off = 0u64;
+        while off < len {
+            let n = ((len - off) as usize).min(buf.len());
+            fill(off, &mut buf[..n])?;
+            self.spool
+                .write_all(&buf[..n])
+                .map_err(|e| Error::io(&self.spool_path, e))?;
+            off += n as u64;
+        }
+        self.entries.push((
+            TensorSpec {
+                name: name.to_string(),
+                dtype,
+                shape,
+            },
+            self.spooled,
+            len,
+        ));
+        self.spooled += len;
+        Ok(())
+    }
+
     /// Append f32 values, stored as `dtype` (f32, bf16 or f16).
     pub fn add_f32(&mut self, name: &str, dtype: DType, shape: Vec<u64>, v: &[f32]) -> Result<()> {
         let n = dtype

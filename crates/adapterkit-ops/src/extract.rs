@@ -54,23 +54,60 @@ fn is_head(module: &str) -> bool {
     matches!(last, "lm_head" | "embed_out" | "output_layer")
 }
 
-fn read_raw(src: &dyn TensorSource, info: &TensorInfo) -> Result<Vec<u8>> {
-    let mut bytes = vec![0u8; info.len as usize];
-    src.read_bytes(&info.name, 0, &mut bytes)?;
-    Ok(bytes)
-}
-
-fn decode(info: &TensorInfo, bytes: &[u8]) -> Result<Vec<f32>> {
-    let mut v = vec![0f32; info.numel() as usize];
-    convert::decode_to_f32(info.dtype, bytes, &mut v)?;
-    Ok(v)
-}
-
 /// One module as read: its changed tensors (with `ΔW` for float ones) and how many were equal.
 struct Loaded {
     module: String,
     changed: Vec<(TensorInfo, Option<Vec<f32>>)>,
     unchanged: usize,
+}
+
+/// Bytes compared or converted at a time: whole tensors are only held when they changed.
+const CHUNK: usize = 4 << 20;
+
+/// Whether two tensors hold the same values, read chunk by chunk.
+fn same_values(
+    base: &dyn TensorSource,
+    b: &TensorInfo,
+    finetuned: &dyn TensorSource,
+    t: &TensorInfo,
+) -> Result<bool> {
+    if b.dtype == t.dtype {
+        let (mut x, mut y) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+        let mut off = 0u64;
+        while off < t.len {
+            let n = ((t.len - off) as usize).min(CHUNK);
+            base.read_bytes(&b.name, off, &mut x[..n])?;
+            finetuned.read_bytes(&t.name, off, &mut y[..n])?;
+            if x[..n] != y[..n] {
+                return Ok(false);
+            }
+            off += n as u64;
+        }
+        return Ok(true);
+    }
+    Ok(base.read_f32(&b.name)? == finetuned.read_f32(&t.name)?)
+}
+
+/// `W_ft − W_base` in f32, decoding the base chunk by chunk into the fine-tune's values.
+fn difference(
+    base: &dyn TensorSource,
+    b: &TensorInfo,
+    finetuned: &dyn TensorSource,
+    t: &TensorInfo,
+) -> Result<Vec<f32>> {
+    let mut d = finetuned.read_f32(&t.name)?;
+    let width = b.dtype.byte_len(1).unwrap_or(4).max(1) as usize;
+    let per = (CHUNK / width).max(1);
+    let (mut raw, mut vals) = (vec![0u8; per * width], vec![0f32; per]);
+    for (k, out) in d.chunks_mut(per).enumerate() {
+        let bytes = &mut raw[..out.len() * width];
+        base.read_bytes(&b.name, (k * per * width) as u64, bytes)?;
+        convert::decode_to_f32(b.dtype, bytes, &mut vals[..out.len()])?;
+        for (x, y) in out.iter_mut().zip(&vals) {
+            *x -= y;
+        }
+    }
+    Ok(d)
 }
 
 fn load_module(
@@ -83,25 +120,13 @@ fn load_module(
     let mut unchanged = 0;
     for t in tensors {
         let b = base.info(&t.name).expect("validated").clone();
-        let fb = read_raw(finetuned, t)?;
-        let bb = read_raw(base, &b)?;
-        let same = if b.dtype == t.dtype {
-            fb == bb
-        } else {
-            decode(t, &fb)? == decode(&b, &bb)?
-        };
-        if same {
+        if same_values(base, &b, finetuned, t)? {
             unchanged += 1;
             continue;
         }
-        let delta = if t.dtype.is_float() {
-            let mut d = decode(t, &fb)?;
-            drop(fb);
-            let w0 = decode(&b, &bb)?;
-            for (x, y) in d.iter_mut().zip(&w0) {
-                *x -= y;
-            }
-            Some(d)
+        // Sub-byte and packed dtypes have no per-element width: compare whole values.
+        let delta = if t.dtype.is_float() && b.dtype.byte_len(1).is_some() {
+            Some(difference(base, &b, finetuned, t)?)
         } else {
             None
         };
@@ -238,8 +263,13 @@ pub fn extract(
             if !lora_ok {
                 // Saved whole: every tensor of the module, from the fine-tune.
                 for t in tensors {
-                    let bytes = read_raw(finetuned, t)?;
-                    out.add(&peft_key(&t.name), t.dtype, t.shape.clone(), &bytes)?;
+                    out.add_from(
+                        &peft_key(&t.name),
+                        t.dtype,
+                        t.shape.clone(),
+                        t.len,
+                        &mut |off, buf| Ok(finetuned.read_bytes(&t.name, off, buf)?),
+                    )?;
                 }
                 rep.modules_to_save.push(module.clone());
                 continue;
