@@ -254,6 +254,9 @@ fn summary(rep: &LowRankReport) -> String {
 pub fn run_compress(a: CompressArgs) -> Result<()> {
     let policy = a.rank.policy(None)?;
     let pa = peft::open(&a.adapter).with_context(|| format!("opening {}", a.adapter.display()))?;
+    if same(&a.output, &a.adapter) {
+        bail!("{}: the output cannot be the input", a.output.display());
+    }
     let mut out = AdapterWriter::create(&a.output, a.force)?;
     let opts = LowRankOptions {
         policy,
@@ -354,7 +357,14 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
     Ok(())
 }
 
-fn same(a: &Path, b: &Path) -> bool {
+fn model_type(b: &Checkpoint) -> Option<&str> {
+    b.config()
+        .and_then(|c| c.get("model_type"))
+        .and_then(Value::as_str)
+}
+
+/// Whether two paths name the same existing file or directory.
+pub fn same(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(x), Ok(y)) => x == y,
         _ => false,
@@ -365,16 +375,21 @@ fn same(a: &Path, b: &Path) -> bool {
 pub fn run_convert(a: ConvertArgs) -> Result<()> {
     let policy = a.rank.policy(Some(RankRule::MaxError(1e-6)))?;
     let dtype = factor_dtype(&a.dtype)?.unwrap_or(DType::F32);
-    let pa = peft::open(&a.adapter).with_context(|| format!("opening {}", a.adapter.display()))?;
-    for n in &pa.adapter.notes {
-        eprintln!("note: {}: {n}", a.adapter.display());
-    }
+    let mut pa =
+        peft::open(&a.adapter).with_context(|| format!("opening {}", a.adapter.display()))?;
     let base = match &a.base {
         Some(p) => {
             Some(Checkpoint::open(p).with_context(|| format!("opening base {}", p.display()))?)
         }
         None => None,
     };
+    if let Some(b) = &base {
+        let fixed = adapterkit_ops::plan::conv1d_layout(&mut pa.adapter, model_type(b));
+        pa.adapter.notes.extend(fixed);
+    }
+    for n in &pa.adapter.notes {
+        eprintln!("note: {}: {n}", a.adapter.display());
+    }
     if same(&a.output, &a.adapter) {
         bail!("{}: the output cannot be the input", a.output.display());
     }
@@ -441,13 +456,16 @@ pub fn run_spectrum(
     plot_path: Option<&Path>,
     as_json: bool,
 ) -> Result<()> {
-    let pa = peft::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut pa = peft::open(path).with_context(|| format!("opening {}", path.display()))?;
     let base = match base {
         Some(p) => {
             Some(Checkpoint::open(p).with_context(|| format!("opening base {}", p.display()))?)
         }
         None => None,
     };
+    if let Some(b) = &base {
+        adapterkit_ops::plan::conv1d_layout(&mut pa.adapter, model_type(b));
+    }
     let ds = deltas::adapter_deltas(
         &pa.adapter,
         base.as_ref()

@@ -1,5 +1,6 @@
 //! The `adapterkit` command-line tool: clap arguments → validated options → library calls.
 
+mod check;
 mod diff;
 mod inspect;
 mod lowrank;
@@ -47,6 +48,9 @@ enum Command {
     /// Convert an adapter: `--to-family lora` turns any family into a LoRA by an SVD of its
     /// update.
     Convert(lowrank::ConvertArgs),
+    /// Check adapters and safetensors files against a catalogue of rules (a CI gate): exit 0
+    /// clean, 1 findings, 2 usage or I/O errors.
+    Check(check::CheckArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -184,11 +188,24 @@ fn run_merge(a: MergeArgs, direction: Direction) -> Result<()> {
     };
     let base =
         Checkpoint::open(&a.base).with_context(|| format!("opening base {}", a.base.display()))?;
+    if let Some(p) = a.adapters.iter().find(|p| lowrank::same(&a.output, p)) {
+        bail!(
+            "{}: the output cannot be an input (adapter {})",
+            a.output.display(),
+            p.display()
+        );
+    }
     let mut adapters = Vec::new();
     let mut errors = Vec::new();
     for (p, w) in a.adapters.iter().zip(weights) {
         match peft::open(p) {
-            Ok(pa) => {
+            Ok(mut pa) => {
+                let model_type = base
+                    .config()
+                    .and_then(|c| c.get("model_type"))
+                    .and_then(|v| v.as_str());
+                let fixed = adapterkit_ops::plan::conv1d_layout(&mut pa.adapter, model_type);
+                pa.adapter.notes.extend(fixed);
                 for n in &pa.adapter.notes {
                     eprintln!("note: {}: {n}", p.display());
                 }
@@ -313,8 +330,20 @@ fn main() -> ExitCode {
         Command::Compress(a) => a.json,
         Command::Extract(a) => a.json,
         Command::Convert(a) => a.json,
+        Command::Check(a) => a.format == "json",
     };
     let result = match cli.command {
+        // check has its own exit codes: 1 for findings, 2 for usage and I/O errors.
+        Command::Check(a) => {
+            return match check::run(a) {
+                Ok(check::Outcome::Clean) => ExitCode::SUCCESS,
+                Ok(check::Outcome::Failed) => ExitCode::from(1),
+                Err(e) => {
+                    report_error(&e, json);
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Merge(a) => run_merge(a, Direction::Merge),
         Command::Unmerge(a) => run_merge(a, Direction::Unmerge),
         Command::Inspect(a) if a.spectrum => {
@@ -335,31 +364,36 @@ fn main() -> ExitCode {
             }) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("error: {e}");
-            for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
-            if json {
-                // Machines get the error on stdout too, with each validation problem apart.
-                let problems: Vec<serde_json::Value> = e
-                    .chain()
-                    .find_map(|c| match c.downcast_ref::<adapterkit_ops::Error>() {
-                        Some(adapterkit_ops::Error::Validation(p)) => Some(
-                            p.iter()
-                                .map(|p| serde_json::json!({"file": p.file, "tensor": p.tensor, "message": p.message}))
-                                .collect(),
-                        ),
-                        _ => None,
-                    })
-                    .unwrap_or_default();
-                let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-                println!(
-                    "{}",
-                    serde_json::json!({"error": e.to_string(), "chain": chain, "problems": problems})
-                );
-            }
+            report_error(&e, json);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Print an error (and, with `json`, its machine-readable form on stdout).
+fn report_error(e: &anyhow::Error, json: bool) {
+    eprintln!("error: {e}");
+    for cause in e.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
+    if json {
+        // Machines get the error on stdout too, with each validation problem apart.
+        let problems: Vec<serde_json::Value> = e
+            .chain()
+            .find_map(|c| match c.downcast_ref::<adapterkit_ops::Error>() {
+                Some(adapterkit_ops::Error::Validation(p)) => Some(
+                    p.iter()
+                        .map(|p| serde_json::json!({"file": p.file, "tensor": p.tensor, "message": p.message}))
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        println!(
+            "{}",
+            serde_json::json!({"error": e.to_string(), "chain": chain, "problems": problems})
+        );
     }
 }
 

@@ -52,6 +52,22 @@ pub enum Error {
         /// Why.
         message: String,
     },
+    /// An update to factorise holds NaN or infinity.
+    #[error("{what}: the update has {count} non-finite value(s) (NaN or infinity); it cannot be factorised")]
+    NonFiniteUpdate {
+        /// The module or tensor.
+        what: String,
+        /// How many values are NaN or infinite.
+        count: usize,
+    },
+    /// A decomposition failed.
+    #[error("{what}: {message}")]
+    Decomposition {
+        /// The module or tensor.
+        what: String,
+        /// What went wrong.
+        message: String,
+    },
     /// Invalid options (weights count, output path).
     #[error("{0}")]
     Options(String),

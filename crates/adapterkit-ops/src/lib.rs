@@ -5,6 +5,7 @@
 //! plan into the output. [`merge`] does both.
 
 mod apply;
+pub mod check;
 pub mod compress;
 pub mod deltas;
 pub mod error;

@@ -504,6 +504,43 @@ fn tuner_shapes_fit(
     }
 }
 
+/// Architectures whose projection layers are GPT-2's `Conv1D` (weights stored `(in, out)`).
+const CONV1D_MODEL_TYPES: &[&str] = &["gpt2", "imagegpt", "decision_transformer"];
+
+/// PEFT forces `fan_in_fan_out` on for `Conv1D` layers whatever the config says (it warns and
+/// flips the flag while injecting; a config that also targets a plain `Linear` such as `lm_head`
+/// is then saved with `false`). Do the same: on a GPT-2-family base, LoRA modules on `Conv1D`
+/// projections (`c_attn`, `c_proj`, `c_fc`, `q_attn`) are read as `fan_in_fan_out`. Returns a
+/// note per adapter changed.
+pub fn conv1d_layout(adapter: &mut Adapter, model_type: Option<&str>) -> Vec<String> {
+    if !model_type.is_some_and(|t| CONV1D_MODEL_TYPES.contains(&t)) {
+        return Vec::new();
+    }
+    let mut changed = 0;
+    for m in &mut adapter.modules {
+        let last = m.module.rsplit('.').next().unwrap_or("");
+        if let Payload::LowRank(lr) = &mut m.payload {
+            if lr.layer
+                == (LayerKind::Linear {
+                    fan_in_fan_out: false,
+                })
+                && matches!(last, "c_attn" | "c_proj" | "c_fc" | "q_attn")
+            {
+                lr.layer = LayerKind::Linear {
+                    fan_in_fan_out: true,
+                };
+                changed += 1;
+            }
+        }
+    }
+    if changed == 0 {
+        return Vec::new();
+    }
+    vec![format!(
+        "{changed} LoRA module(s) on GPT-2 Conv1D layers read with fan_in_fan_out=true, as PEFT does whatever the config says"
+    )]
+}
+
 fn problem(file: &Path, tensor: &str, message: impl Into<String>) -> Problem {
     Problem {
         file: file.to_path_buf(),

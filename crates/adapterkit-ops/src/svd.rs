@@ -222,10 +222,21 @@ impl Factored {
 }
 
 fn linalg_err(what: &str, e: linalg::LinalgError) -> Error {
-    Error::IllConditioned {
-        tensor: what.to_string(),
+    Error::Decomposition {
+        what: what.to_string(),
         message: e.to_string(),
     }
+}
+
+fn finite(what: &str, values: impl Iterator<Item = f64>) -> Result<()> {
+    let count = values.filter(|x| !x.is_finite()).count();
+    if count > 0 {
+        return Err(Error::NonFiniteUpdate {
+            what: what.to_string(),
+            count,
+        });
+    }
+    Ok(())
 }
 
 /// Factorise `L·R` (`L` is `rows×k`, `R` is `k×cols`, row-major) exactly.
@@ -237,6 +248,7 @@ pub fn factor_product(
     k: usize,
     cols: usize,
 ) -> Result<Factored> {
+    finite(what, l.iter().chain(r).copied())?;
     let svd = linalg::product_svd(l, r, rows, k, cols).map_err(|e| linalg_err(what, e))?;
     let total_sq = svd.s.iter().map(|x| x * x).sum();
     Ok(Factored {
@@ -248,6 +260,7 @@ pub fn factor_product(
 
 /// Every singular value of a dense row-major `rows × cols` matrix (exact, f64).
 pub fn singular_values(what: &str, a: &[f64], rows: usize, cols: usize) -> Result<Vec<f64>> {
+    finite(what, a.iter().copied())?;
     linalg::singular_values(a, rows, cols).map_err(|e| linalg_err(what, e))
 }
 
@@ -276,6 +289,7 @@ pub fn factor_dense(
     needed: Option<usize>,
     opts: &SvdOptions,
 ) -> Result<Factored> {
+    finite(what, delta.iter().map(|&x| x as f64))?;
     let total_sq: f64 = delta.iter().map(|&x| (x as f64) * (x as f64)).sum();
     if use_randomized(opts, rows, cols, needed) {
         let rank = needed.unwrap_or(rows.min(cols));
