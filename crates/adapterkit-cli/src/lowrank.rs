@@ -536,12 +536,13 @@ pub fn run_spectrum(
                 }
             })
             .collect();
-        let title = format!(
-            "energy kept vs rank: {}",
-            path.file_name()
-                .map(|n| n.to_string_lossy().to_string())
-                .unwrap_or_default()
-        );
+        // The path as given, its last 70 characters.
+        let shown = path.display().to_string();
+        let tail: String = {
+            let chars: Vec<char> = shown.chars().collect();
+            chars[chars.len().saturating_sub(70)..].iter().collect()
+        };
+        let title = format!("energy kept vs rank: {tail}");
         plot::energy_chart(p, &title, &series)?;
     }
     if as_json {
