@@ -357,6 +357,11 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
     Ok(())
 }
 
+fn open_base(path: Option<&Path>) -> Result<Option<Checkpoint>> {
+    path.map(|p| Checkpoint::open(p).with_context(|| format!("opening base {}", p.display())))
+        .transpose()
+}
+
 fn model_type(b: &Checkpoint) -> Option<&str> {
     b.config()
         .and_then(|c| c.get("model_type"))
@@ -377,12 +382,7 @@ pub fn run_convert(a: ConvertArgs) -> Result<()> {
     let dtype = factor_dtype(&a.dtype)?.unwrap_or(DType::F32);
     let mut pa =
         peft::open(&a.adapter).with_context(|| format!("opening {}", a.adapter.display()))?;
-    let base = match &a.base {
-        Some(p) => {
-            Some(Checkpoint::open(p).with_context(|| format!("opening base {}", p.display()))?)
-        }
-        None => None,
-    };
+    let base = open_base(a.base.as_deref())?;
     if let Some(b) = &base {
         let fixed = adapterkit_ops::plan::conv1d_layout(&mut pa.adapter, model_type(b));
         pa.adapter.notes.extend(fixed);
@@ -457,12 +457,7 @@ pub fn run_spectrum(
     as_json: bool,
 ) -> Result<()> {
     let mut pa = peft::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let base = match base {
-        Some(p) => {
-            Some(Checkpoint::open(p).with_context(|| format!("opening base {}", p.display()))?)
-        }
-        None => None,
-    };
+    let base = open_base(base)?;
     if let Some(b) = &base {
         adapterkit_ops::plan::conv1d_layout(&mut pa.adapter, model_type(b));
     }

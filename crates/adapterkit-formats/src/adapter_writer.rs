@@ -80,38 +80,10 @@ impl AdapterWriter {
 
     /// Append a tensor. `bytes` must be `dtype`'s little-endian encoding of `shape`.
     pub fn add(&mut self, name: &str, dtype: DType, shape: Vec<u64>, bytes: &[u8]) -> Result<()> {
-        let numel = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
-        let want = numel.and_then(|n| dtype.byte_len(n));
-        if want != Some(bytes.len() as u64) {
-            return Err(Error::InvalidTensor {
-                path: self.target.clone(),
-                tensor: name.to_string(),
-                message: format!(
-                    "{} bytes given for {dtype} {shape:?} ({want:?} expected)",
-                    bytes.len()
-                ),
-            });
-        }
-        if self.entries.iter().any(|(s, _, _)| s.name == name) {
-            return Err(Error::DuplicateTensor {
-                path: self.target.clone(),
-                tensor: name.to_string(),
-            });
-        }
-        self.spool
-            .write_all(bytes)
-            .map_err(|e| Error::io(&self.spool_path, e))?;
-        self.entries.push((
-            TensorSpec {
-                name: name.to_string(),
-                dtype,
-                shape,
-            },
-            self.spooled,
-            bytes.len() as u64,
-        ));
-        self.spooled += bytes.len() as u64;
-        Ok(())
+        self.add_from(name, dtype, shape, bytes.len() as u64, &mut |off, buf| {
+            buf.copy_from_slice(&bytes[off as usize..off as usize + buf.len()]);
+            Ok(())
+        })
     }
 
     /// Append a tensor of `len` bytes produced piecewise: `fill(offset, buf)` must fill `buf`
@@ -129,7 +101,10 @@ impl AdapterWriter {
             return Err(Error::InvalidTensor {
                 path: self.target.clone(),
                 tensor: name.to_string(),
-                message: format!("{len} bytes for {dtype} {shape:?}"),
+                message: format!(
+                    "{len} bytes given for {dtype} {shape:?} ({:?} expected)",
+                    numel.and_then(|n| dtype.byte_len(n))
+                ),
             });
         }
         if self.entries.iter().any(|(s, _, _)| s.name == name) {

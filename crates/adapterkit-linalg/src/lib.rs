@@ -52,6 +52,17 @@ pub struct Svd {
 }
 
 impl Svd {
+    /// The SVD of an empty (or rank-0) `rows × cols` matrix: no triplets.
+    pub fn empty(rows: usize, cols: usize) -> Self {
+        Svd {
+            rows,
+            cols,
+            u: Vec::new(),
+            s: Vec::new(),
+            vt: Vec::new(),
+        }
+    }
+
     /// Number of singular triplets held.
     pub fn len(&self) -> usize {
         self.s.len()
@@ -106,13 +117,7 @@ fn to_row_major<T: Copy>(m: MatRef<'_, T>) -> Vec<T> {
 fn svd_of(a: MatRef<'_, f64>) -> Result<Svd> {
     let (rows, cols) = (a.nrows(), a.ncols());
     if rows == 0 || cols == 0 {
-        return Ok(Svd {
-            rows,
-            cols,
-            u: Vec::new(),
-            s: Vec::new(),
-            vt: Vec::new(),
-        });
+        return Ok(Svd::empty(rows, cols));
     }
     let svd = a
         .thin_svd()
@@ -157,13 +162,7 @@ pub fn product_svd(l: &[f64], r: &[f64], rows: usize, k: usize, cols: usize) -> 
     check(l.len(), rows, k)?;
     check(r.len(), k, cols)?;
     if rows == 0 || cols == 0 || k == 0 {
-        return Ok(Svd {
-            rows,
-            cols,
-            u: Vec::new(),
-            s: Vec::new(),
-            vt: Vec::new(),
-        });
+        return Ok(Svd::empty(rows, cols));
     }
     let l = MatRef::from_row_major_slice(l, rows, k);
     let rt = MatRef::from_row_major_slice(r, k, cols).transpose();
@@ -242,13 +241,7 @@ pub fn randomized_svd(a: &[f32], rows: usize, cols: usize, opts: RandomizedOptio
     check(a.len(), rows, cols)?;
     let k = (opts.rank + opts.oversample).min(rows).min(cols);
     if k == 0 {
-        return Ok(Svd {
-            rows,
-            cols,
-            u: Vec::new(),
-            s: Vec::new(),
-            vt: Vec::new(),
-        });
+        return Ok(Svd::empty(rows, cols));
     }
     let am = MatRef::from_row_major_slice(a, rows, cols);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);

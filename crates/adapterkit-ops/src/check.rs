@@ -259,19 +259,28 @@ impl Sink<'_> {
     }
 }
 
+/// Whether a reader error is about a safetensors header or layout (AK002).
+fn is_layout_error(e: &FormatError) -> bool {
+    use FormatError as E;
+    matches!(
+        e,
+        E::FileTooSmall { .. }
+            | E::HeaderTooLarge { .. }
+            | E::HeaderOutOfBounds { .. }
+            | E::InvalidHeader { .. }
+            | E::InvalidTensor { .. }
+            | E::TensorSizeMismatch(_)
+            | E::DataLayout { .. }
+            | E::InvalidIndex { .. }
+    )
+}
+
 /// Map a reader error onto the catalogue.
 fn format_error(sink: &mut Sink, e: &FormatError) {
     use FormatError as E;
     match e {
         E::Io { .. } | E::NotFound { .. } => sink.add("AK001", None, e.to_string()),
-        E::FileTooSmall { .. }
-        | E::HeaderTooLarge { .. }
-        | E::HeaderOutOfBounds { .. }
-        | E::InvalidHeader { .. }
-        | E::InvalidTensor { .. }
-        | E::TensorSizeMismatch(_)
-        | E::DataLayout { .. }
-        | E::InvalidIndex { .. } => sink.add("AK002", None, e.to_string()),
+        e if is_layout_error(e) => sink.add("AK002", None, e.to_string()),
         E::DuplicateTensor { tensor, .. } => sink.add("AK003", Some(tensor), e.to_string()),
         E::PickleRefused { .. } => sink.add("AK004", None, e.to_string()),
         E::InvalidConfig { .. } => sink.add("AK010", None, e.to_string()),
@@ -744,17 +753,8 @@ fn check_adapter(sink: &mut Sink, dir: &Path, base: Option<&Checkpoint>) {
             format_error(sink, &e);
             // The safetensors file may still be worth the integrity and numeric rules.
             let st = dir.join("adapter_model.safetensors");
-            let header_error = matches!(
-                e,
-                FormatError::InvalidHeader { .. }
-                    | FormatError::FileTooSmall { .. }
-                    | FormatError::HeaderTooLarge { .. }
-                    | FormatError::HeaderOutOfBounds { .. }
-                    | FormatError::InvalidTensor { .. }
-                    | FormatError::TensorSizeMismatch(_)
-                    | FormatError::DataLayout { .. }
-                    | FormatError::DuplicateTensor { .. }
-            );
+            let header_error =
+                is_layout_error(&e) || matches!(e, FormatError::DuplicateTensor { .. });
             if !header_error && st.is_file() {
                 // Header problems were reported by the reader already.
                 let mut extra = Sink {

@@ -402,15 +402,11 @@ pub fn to_lora(
     }
     let lora_bias = !biases.is_empty();
     if lora_bias {
-        for (module, (n, _)) in &lora_out_dims {
-            let b = biases.remove(module).unwrap_or_else(|| vec![0.0; *n]);
-            out.add_f32(
-                &format!("{}.lora_B.bias", peft_key(module)),
-                dtype,
-                vec![*n as u64],
-                &b,
-            )?;
-        }
+        let outs = lora_out_dims
+            .iter()
+            .map(|(m, (n, _))| (m.clone(), (*n, dtype)));
+        let biases = biases.into_iter().map(|(m, b)| (m, (dtype, b))).collect();
+        write_lora_biases(outs, biases, out)?;
         rep.notes.push(
             "bias updates written as lora_bias (zero for modules whose bias did not change)".into(),
         );
@@ -425,6 +421,29 @@ pub fn to_lora(
         dora,
     );
     Ok((cfg, rep))
+}
+
+/// PEFT's `lora_bias` is global: every LoRA module (`modules`: name → (outputs, dtype)) gets a
+/// `lora_B.bias`, its update from `biases` or zero. Returns how many were written.
+pub(crate) fn write_lora_biases(
+    modules: impl IntoIterator<Item = (String, (usize, DType))>,
+    mut biases: BTreeMap<String, (DType, Vec<f32>)>,
+    out: &mut AdapterWriter,
+) -> Result<usize> {
+    let mut written = 0;
+    for (module, (n, dtype)) in modules {
+        let (dtype, b) = biases
+            .remove(&module)
+            .unwrap_or_else(|| (dtype, vec![0.0; n]));
+        out.add_f32(
+            &format!("{}.lora_B.bias", peft_key(&module)),
+            dtype,
+            vec![n as u64],
+            &b,
+        )?;
+        written += 1;
+    }
+    Ok(written)
 }
 
 fn copy(adapter: &Adapter, from: &str, to: &str, out: &mut AdapterWriter) -> Result<()> {

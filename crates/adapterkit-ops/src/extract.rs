@@ -12,7 +12,9 @@ use adapterkit_core::{convert, DType, TensorInfo, TensorSource};
 use adapterkit_formats::{AdapterWriter, Checkpoint};
 use serde_json::Value;
 
-use crate::compress::{lora_config, peft_key, LowRankOptions, LowRankReport, ModuleReport};
+use crate::compress::{
+    lora_config, peft_key, write_lora_biases, LowRankOptions, LowRankReport, ModuleReport,
+};
 use crate::deltas::looks_like_embedding;
 use crate::error::{Error, Problem, Result};
 use crate::svd::{self, RankRule};
@@ -395,19 +397,7 @@ pub fn extract(
     progress(total, total);
     let lora_bias = !bias_deltas.is_empty();
     if lora_bias {
-        // PEFT's lora_bias is global: every LoRA module carries a bias, zero where unchanged.
-        for (module, (n, dtype)) in &lora_rows {
-            let (dtype, b) = bias_deltas
-                .remove(module)
-                .unwrap_or_else(|| (*dtype, vec![0.0; *n]));
-            out.add_f32(
-                &format!("{}.lora_B.bias", peft_key(module)),
-                dtype,
-                vec![*n as u64],
-                &b,
-            )?;
-            rep.lora_biases += 1;
-        }
+        rep.lora_biases = write_lora_biases(lora_rows, bias_deltas, out)?;
     }
     let base_name = base.root().display().to_string();
     let cfg = lora_config(
