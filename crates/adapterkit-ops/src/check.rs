@@ -3,7 +3,6 @@
 //! the numeric rules, and of a base only its headers and config.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use adapterkit_core::ir::{Adapter, Payload};
@@ -392,18 +391,24 @@ fn numeric_and_dtypes(sink: &mut Sink, src: &dyn TensorSource, names: &[String])
     }
 }
 
-/// sha256 of everything after the header: what kohya's sd-scripts stores as `sshs_model_hash`.
-fn data_sha256(path: &Path, data_start: u64) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    f.seek(SeekFrom::Start(data_start))?;
+/// kohya sd-scripts' `sshs_model_hash`: the sha256 of the data section that
+/// `safetensors.torch.save` writes for the file's tensors, which orders them by dtype (the
+/// safetensors dtype order, largest first) and then by name, back to back. For a file saved that
+/// way it is the sha256 of everything after the header; computing it in the canonical order also
+/// accepts the same tensors written by another tool in another order.
+fn kohya_model_hash(file: &SafetensorsFile) -> adapterkit_core::Result<String> {
+    let mut tensors: Vec<&adapterkit_core::TensorInfo> = file.tensors().iter().collect();
+    tensors.sort_by(|a, b| b.dtype.cmp(&a.dtype).then_with(|| a.name.cmp(&b.name)));
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
+    for t in tensors {
+        let mut off = 0u64;
+        while off < t.len {
+            let n = ((t.len - off) as usize).min(buf.len());
+            file.read_bytes(&t.name, off, &mut buf[..n])?;
+            h.update(&buf[..n]);
+            off += n as u64;
         }
-        h.update(&buf[..n]);
     }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
@@ -412,12 +417,12 @@ fn metadata_rules(sink: &mut Sink, file: &SafetensorsFile) {
     let Some(meta) = file.metadata() else { return };
     let get = |k: &str| meta.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     if let Some(want) = get("sshs_model_hash") {
-        match data_sha256(file.path(), 8 + file.header().header_len) {
+        match kohya_model_hash(file) {
             Ok(got) if got.eq_ignore_ascii_case(want.trim()) => {}
             Ok(got) => sink.add(
                 "AK050",
                 Some("sshs_model_hash"),
-                format!("metadata says {want} but the tensor data hashes to {got} (sha256 of the bytes after the header)"),
+                format!("metadata says {want} but the tensor data hashes to {got} (sha256 of the tensors' bytes in safetensors order, as sd-scripts computes it)"),
             ),
             Err(e) => sink.add("AK001", None, e.to_string()),
         }
@@ -595,6 +600,10 @@ fn adapter_rules(sink: &mut Sink, ad: &Adapter, config: &Value) {
                 else {
                     continue;
                 };
+                // A rank-0 module (AdaLoRA prunes some to nothing) is empty by design.
+                if lr.rank == 0 {
+                    continue;
+                }
                 if b.iter().all(|x| *x == 0.0) || a.iter().all(|x| *x == 0.0) {
                     let which = if b.iter().all(|x| *x == 0.0) {
                         &lr.b
@@ -638,7 +647,7 @@ fn adapter_rules(sink: &mut Sink, ad: &Adapter, config: &Value) {
     }
 }
 
-fn base_rules(sink: &mut Sink, ad: &Adapter, base: &Checkpoint) {
+fn base_rules(sink: &mut Sink, ad: &Adapter, config: &Value, base: &Checkpoint) {
     let mut ad = ad.clone();
     let model_type = base
         .config()
@@ -691,6 +700,41 @@ fn base_rules(sink: &mut Sink, ad: &Adapter, base: &Checkpoint) {
                 _ => pr.message.clone(),
             };
             sink.add(rule, Some(&pr.tensor), msg);
+        }
+    }
+    // Modules the config selects in the base but the file has no tensors for: PEFT injects them
+    // untrained (and warns about missing keys).
+    if ad.method == "LORA" {
+        if let Ok(cfg) = peft::LoraConfig::from_json(&ad.path, config) {
+            let have: std::collections::HashSet<&str> =
+                ad.modules.iter().map(|m| m.module.as_str()).collect();
+            let mut missing = Vec::new();
+            for t in base.tensors() {
+                let Some(module) = t.name.strip_suffix(".weight") else {
+                    continue;
+                };
+                let (dims, embedding) =
+                    (t.shape.len(), crate::deltas::looks_like_embedding(module));
+                if !(dims == 2 || dims == 4) || have.contains(module) {
+                    continue;
+                }
+                if cfg.selects(module, dims == 2 && !embedding) {
+                    missing.push(module.to_string());
+                }
+            }
+            if !missing.is_empty() {
+                let n = missing.len();
+                let shown: Vec<String> = missing.into_iter().take(5).collect();
+                sink.add(
+                    "AK020",
+                    Some("target_modules"),
+                    format!(
+                        "target_modules selects {n} module(s) of the base that the file has no tensors for ({}{}): PEFT would inject them untrained",
+                        shown.join(", "),
+                        if n > 5 { ", …" } else { "" }
+                    ),
+                );
+            }
         }
     }
     // Tied embeddings: changing either side changes both.
@@ -746,7 +790,7 @@ fn check_adapter(sink: &mut Sink, dir: &Path, base: Option<&Checkpoint>) {
         Ok(pa) => {
             adapter_rules(sink, &pa.adapter, &config);
             if let Some(b) = base {
-                base_rules(sink, &pa.adapter, b);
+                base_rules(sink, &pa.adapter, &config, b);
             }
         }
         Err(e) => {
