@@ -352,19 +352,39 @@ fn numeric_and_dtypes(sink: &mut Sink, src: &dyn TensorSource, names: &[String])
             continue;
         }
         *dtypes.entry(info.dtype).or_default() += 1;
-        let Ok(v) = src.read_f32(n) else {
-            continue;
+        // Scanned in chunks: a model's embedding table need not be held in f32 at once.
+        let Some(width) = info.dtype.byte_len(1).filter(|w| *w > 0) else {
+            continue; // sub-byte floats: no per-element width
         };
-        let bad: Vec<usize> = v
-            .iter()
-            .enumerate()
-            .filter(|(_, x)| !x.is_finite())
-            .map(|(i, _)| i)
-            .take(1)
-            .collect();
-        if let Some(first) = bad.first() {
-            let count = v.iter().filter(|x| !x.is_finite()).count();
-            let nan = v.iter().filter(|x| x.is_nan()).count();
+        let per = (4 << 20) / width as usize;
+        let (mut raw, mut vals) = (vec![0u8; per * width as usize], vec![0f32; per]);
+        let (mut count, mut nan, mut first) = (0usize, 0usize, None);
+        let numel = info.numel() as usize;
+        let mut done = 0usize;
+        let mut unreadable = false;
+        while done < numel {
+            let n_el = (numel - done).min(per);
+            let bytes = &mut raw[..n_el * width as usize];
+            if src.read_bytes(n, (done as u64) * width, bytes).is_err()
+                || adapterkit_core::convert::decode_to_f32(info.dtype, bytes, &mut vals[..n_el])
+                    .is_err()
+            {
+                unreadable = true;
+                break;
+            }
+            for (i, x) in vals[..n_el].iter().enumerate() {
+                if !x.is_finite() {
+                    count += 1;
+                    nan += usize::from(x.is_nan());
+                    first.get_or_insert(done + i);
+                }
+            }
+            done += n_el;
+        }
+        if unreadable {
+            continue;
+        }
+        if let Some(first) = first {
             sink.add(
                 "AK030",
                 Some(n),
