@@ -114,6 +114,13 @@ fn to_row_major<T: Copy>(m: MatRef<'_, T>) -> Vec<T> {
     out
 }
 
+/// `A·B` into a new matrix, on the rayon pool.
+fn mul(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
+    let mut c = Mat::<f64>::zeros(a.nrows(), b.ncols());
+    matmul(c.as_mut(), Accum::Replace, a, b, 1.0, par());
+    c
+}
+
 fn svd_of(a: MatRef<'_, f64>) -> Result<Svd> {
     let (rows, cols) = (a.nrows(), a.ncols());
     if rows == 0 || cols == 0 {
@@ -183,24 +190,8 @@ pub fn product_svd(l: &[f64], r: &[f64], rows: usize, k: usize, cols: usize) -> 
     let small = m
         .thin_svd()
         .map_err(|_| LinalgError::NoConvergence { rows, cols })?;
-    let mut u = Mat::<f64>::zeros(rows, small.U().ncols());
-    matmul(
-        u.as_mut(),
-        Accum::Replace,
-        q1.as_ref(),
-        small.U(),
-        1.0,
-        par(),
-    );
-    let mut v = Mat::<f64>::zeros(cols, small.V().ncols());
-    matmul(
-        v.as_mut(),
-        Accum::Replace,
-        q2.as_ref(),
-        small.V(),
-        1.0,
-        par(),
-    );
+    let u = mul(q1.as_ref(), small.U());
+    let v = mul(q2.as_ref(), small.V());
     Ok(Svd {
         rows,
         cols,
@@ -282,15 +273,7 @@ pub fn randomized_svd(a: &[f32], rows: usize, cols: usize, opts: RandomizedOptio
         cols,
     })?;
     let q64 = f32_to_f64(q.as_ref());
-    let mut u = Mat::<f64>::zeros(rows, small.U().ncols());
-    matmul(
-        u.as_mut(),
-        Accum::Replace,
-        q64.as_ref(),
-        small.U(),
-        1.0,
-        par(),
-    );
+    let u = mul(q64.as_ref(), small.U());
     Ok(Svd {
         rows,
         cols,
