@@ -512,3 +512,26 @@ fn output_equal_to_an_input_is_refused() {
         before
     );
 }
+
+/// Fuzzing regressions: zero-element tensors with huge dimensions once overflowed the family
+/// readers' and planner's dimension products. Every command refuses them cleanly now.
+#[test]
+fn fuzz_regressions_are_refused() {
+    let dir = fixtures("fuzz-regressions").join("adapter_names");
+    let base = fixtures("peft/bases/llama");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if !p.to_string_lossy().ends_with(".adapter") {
+            continue;
+        }
+        let out_dir = tempfile::tempdir().unwrap();
+        let o = out_dir.path().join("m.safetensors");
+        failed(&run(&[&"merge", &base, &p, &"-o", &o]));
+        no_output(out_dir.path());
+        let (code, _) = check_json(&[&p, &"--base", &base]);
+        assert_eq!(code, Some(1), "{}", p.display());
+        n += 1;
+    }
+    assert!(n >= 6);
+}

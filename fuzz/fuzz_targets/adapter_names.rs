@@ -63,6 +63,8 @@ const PEFT_TYPES: &[&str] = &[
     "DELORA",
     "HIRA",
     "C3A",
+    "ROAD",
+    "SHIRA",
 ];
 
 /// Strings for target_modules, exclude_modules and pattern keys.
@@ -161,6 +163,21 @@ const SUFFIXES: &[&str] = &[
     "ln_tuning_layers.weight",
     "",
     "lora_A.weight.lora_B.weight",
+    "boft_R",
+    "boft_s",
+    "lokr_w1_a",
+    "lokr_w1_b",
+    "lokr_w2_a",
+    "lokr_w2_b",
+    "lokr_t2",
+    "hada_t1",
+    "hada_t2",
+    "oft_embedding_R.weight",
+    "vblora_logits_A",
+    "vblora_logits_B",
+    "road_theta",
+    "road_alpha",
+    "shira_weight",
 ];
 
 struct Input<'a>(&'a [u8]);

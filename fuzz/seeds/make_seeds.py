@@ -87,8 +87,11 @@ def t(module, suffix, layer=0, prefix=True, dtype=0, shape=None):
     out = [0 if prefix else 1, module | (layer << 7), suffix, dtype]
     if shape is None:
         out.append(0)
-    else:
+    elif len(shape) <= 2:
         out.append(1 if len(shape) == 2 else 2)
+        out.extend(shape)
+    else:
+        out.append(0x80 + (len(shape) - 1 - 0x80 % 5) % 5)
         out.extend(shape)
     return out
 
@@ -147,6 +150,25 @@ def main():
                    tensors=lora_pairs(layers=(1,), dtype=1)))
     put("adapter_names", "loha",
         names_seed(peft=4, targets=[0], tensors=[t(Q, s) for s in HADA]))
+    # Other families, one module each, small plausible shapes (their builders mostly refuse or
+    # accept them; the point is to reach each builder and the planner's checks).
+    put("adapter_names", "oft", names_seed(peft=9, targets=[0], tensors=[t(Q, 26, shape=[8, 6])]))
+    put("adapter_names", "hra", names_seed(peft=10, targets=[0], tensors=[t(Q, 27, shape=[32, 4])]))
+    put("adapter_names", "lokr",
+        names_seed(peft=5, targets=[0], tensors=[t(Q, 21, shape=[2, 2]), t(Q, 22, shape=[16, 16])]))
+    put("adapter_names", "ia3", names_seed(peft=6, targets=[0], tensors=[t(Q, 23, shape=[32, 1])]))
+    put("adapter_names", "conv_shaped_lora",
+        names_seed(targets=[0], tensors=[t(Q, LORA_A, shape=[4, 32, 1, 1]),
+                                         t(Q, LORA_B, shape=[32, 4, 1, 1])]))
+    put("adapter_names", "boft",
+        names_seed(peft=12, targets=[0], tensors=[t(Q, 36, shape=[1, 8, 4, 4]), t(Q, 37, shape=[1, 32])]))
+    put("adapter_names", "lokr_tucker",
+        names_seed(peft=5, targets=[0], tensors=[t(Q, 21, shape=[2, 2]), t(Q, 42, shape=[4, 4, 1, 1]),
+                                                 t(Q, 40, shape=[4, 16]), t(Q, 41, shape=[4, 16])]))
+    # A zero-element tensor may have huge other dimensions (0xF0.. picks BIG in the target).
+    put("adapter_names", "lora_zero_dim_big",
+        names_seed(targets=[0], tensors=[t(Q, LORA_A, shape=[4, 0]), t(Q, LORA_B, shape=[0, 4]),
+                                         t(K, LORA_A, shape=[0, 0xF0])]))
     put("adapter_names", "modules_to_save",
         names_seed(tensors=lora_pairs(layers=(0,)) + [t(LM_HEAD, FULL_WEIGHT)]))
 

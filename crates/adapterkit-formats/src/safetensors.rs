@@ -170,7 +170,14 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
         let (begin, end) = (offsets[0], offsets[1]);
         let numel = shape
             .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .try_fold(1u64, |acc, &d| {
+                // Every dimension ≤ 2^31 and the non-zero ones' product ≤ 2^48 elements, so the
+                // readers' and planner's products of dimensions (even across tensors) fit in u64,
+                // also for zero-element tensors whose other dimensions are huge.
+                (d <= 1 << 31).then_some(())?;
+                acc.max(1).checked_mul(d.max(1)).filter(|p| *p <= 1 << 48)?;
+                acc.checked_mul(d)
+            })
             .ok_or_else(|| bad_tensor(path, name, format!("shape {shape:?} overflows")))?;
         let expected = dtype.byte_len(numel).ok_or_else(|| {
             bad_tensor(
