@@ -35,10 +35,7 @@
 use std::collections::BTreeSet;
 
 use adapterkit_core::DType;
-use adapterkit_formats::peft;
 use adapterkit_formats::safetensors::{write_small, TensorSpec};
-use adapterkit_ops::check::{check_target, Target};
-use adapterkit_ops::{plan, OutDType, WeightedAdapter};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Map, Value};
 
@@ -422,33 +419,5 @@ fuzz_target!(|data: &[u8]| {
     let cfg_bytes = serde_json::to_vec_pretty(&Value::Object(cfg)).expect("config serializes");
     adapterkit_fuzz::write(&dir.join("adapter_config.json"), &cfg_bytes);
 
-    let base = adapterkit_fuzz::base();
-    let opened = peft::open(&dir);
-    if adapterkit_fuzz::debug() {
-        eprintln!(
-            "peft::open: {:?}",
-            opened.as_ref().map(|pa| pa.adapter.modules.len())
-        );
-    }
-    if let Ok(pa) = opened {
-        let planned = plan(
-            base.root(),
-            base,
-            base.tensors(),
-            vec![WeightedAdapter {
-                adapter: pa.adapter,
-                weight: 1.0,
-            }],
-            OutDType::Auto,
-        );
-        if adapterkit_fuzz::debug() {
-            eprintln!("plan: {:?}", planned.as_ref().map(|p| p.touched()));
-        }
-    }
-    let findings = check_target(&Target::Adapter(dir), Some(base));
-    if adapterkit_fuzz::debug() {
-        for f in &findings {
-            eprintln!("{} {:?}: {}", f.rule, f.item, f.message);
-        }
-    }
+    adapterkit_fuzz::open_plan_check(dir);
 });

@@ -88,3 +88,40 @@ pub fn debug() -> bool {
     static D: OnceLock<bool> = OnceLock::new();
     *D.get_or_init(|| std::env::var_os("ADAPTERKIT_FUZZ_DEBUG").is_some())
 }
+
+/// Open the adapter in `dir` (`peft::open`), plan a merge of it into [`base`] when it opens, then
+/// run the checker on it with the base; with `ADAPTERKIT_FUZZ_DEBUG=1`, print what each step made
+/// of it. Errors are expected; only panics matter.
+pub fn open_plan_check(dir: PathBuf) {
+    use adapterkit_ops::check::{check_target, Target};
+    use adapterkit_ops::{plan, OutDType, WeightedAdapter};
+    let base = base();
+    let opened = adapterkit_formats::peft::open(&dir);
+    if debug() {
+        eprintln!(
+            "peft::open: {:?}",
+            opened.as_ref().map(|pa| pa.adapter.modules.len())
+        );
+    }
+    if let Ok(pa) = opened {
+        let planned = plan(
+            base.root(),
+            base,
+            base.tensors(),
+            vec![WeightedAdapter {
+                adapter: pa.adapter,
+                weight: 1.0,
+            }],
+            OutDType::Auto,
+        );
+        if debug() {
+            eprintln!("plan: {:?}", planned.as_ref().map(|p| p.touched()));
+        }
+    }
+    let findings = check_target(&Target::Adapter(dir), Some(base));
+    if debug() {
+        for f in &findings {
+            eprintln!("{} {:?}: {}", f.rule, f.item, f.message);
+        }
+    }
+}
