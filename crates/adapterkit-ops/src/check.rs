@@ -372,12 +372,11 @@ fn numeric_and_dtypes(sink: &mut Sink, src: &dyn TensorSource, names: &[String])
                 unreadable = true;
                 break;
             }
-            for (i, x) in vals[..n_el].iter().enumerate() {
-                if !x.is_finite() {
-                    count += 1;
-                    nan += usize::from(x.is_nan());
-                    first.get_or_insert(done + i);
-                }
+            // The all-finite case is one vectorised pass.
+            if let Some((c, f)) = crate::kernels::non_finite(&vals[..n_el]) {
+                count += c;
+                nan += vals[..n_el].iter().filter(|x| x.is_nan()).count();
+                first.get_or_insert(done + f);
             }
             done += n_el;
         }

@@ -152,6 +152,27 @@ fn lora_names(module: &str, layer: &LayerKind) -> (String, String) {
     }
 }
 
+/// Write the rank-`rank` truncation of `svd` (a `ΔW` in PEFT's orientation) as `module`'s LoRA
+/// `A`/`B` for `layer` at scale 1, in `dtype`; a factor is padded with zeros where the update has
+/// fewer non-zero triplets than the rank.
+pub(crate) fn write_lora(
+    out: &mut AdapterWriter,
+    module: &str,
+    layer: &LayerKind,
+    svd: &adapterkit_linalg::Svd,
+    rank: usize,
+    dtype: DType,
+) -> Result<()> {
+    let (b, a) = svd::lora_factors(svd, rank, 1.0);
+    let (a_shape, b_shape) = lora_shapes(layer, rank, svd.rows, svd.cols);
+    let a = pad(a, a_shape.iter().product::<u64>() as usize);
+    let b = pad_cols(b, svd.rows, svd.s.len().min(rank), rank);
+    let (an, bn) = lora_names(module, layer);
+    out.add_f32(&an, dtype, a_shape, &a)?;
+    out.add_f32(&bn, dtype, b_shape, &b)?;
+    Ok(())
+}
+
 /// Re-factorise every LoRA module of a PEFT LoRA adapter (`config` is its
 /// `adapter_config.json`) to the ranks `opts` picks, writing the result to `out`. Every other
 /// tensor (DoRA magnitudes, `lora_bias`, `modules_to_save`, trainable tokens) is copied byte for
@@ -309,13 +330,7 @@ pub fn to_lora(
                 _ => {}
             }
         }
-        let (b, a) = svd::lora_factors(&f.svd, rank, 1.0);
-        let (a_shape, b_shape) = lora_shapes(&md.layer, rank, md.rows, md.cols);
-        let a = pad(a, a_shape.iter().product::<u64>() as usize);
-        let b = pad_cols(b, md.rows, f.svd.s.len().min(rank), rank);
-        let (an, bn) = lora_names(&md.module, &md.layer);
-        out.add_f32(&an, dtype, a_shape, &a)?;
-        out.add_f32(&bn, dtype, b_shape, &b)?;
+        write_lora(out, &md.module, &md.layer, &f.svd, rank, dtype)?;
         if let Some(m) = md.lora.as_ref().and_then(|lr| lr.magnitude.as_ref()) {
             dora = true;
             copy(

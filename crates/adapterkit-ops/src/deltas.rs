@@ -16,6 +16,7 @@ use adapterkit_core::{DType, TensorInfo, TensorSource};
 use crate::apply::{apply_ops, prepare};
 use crate::error::{Error, Result};
 use crate::families::needs_base;
+use crate::kernels::transpose;
 use crate::plan::{self, OpSpec, OutDType, WeightedAdapter};
 
 /// A module's update.
@@ -446,13 +447,7 @@ pub fn adapter_deltas(
                 }
         );
         let (rows, cols, data) = if transposed {
-            let mut tr = vec![0f32; w.len()];
-            for i in 0..srows {
-                for j in 0..scols {
-                    tr[j * srows + i] = w[i * scols + j];
-                }
-            }
-            (scols, srows, tr)
+            (scols, srows, transpose(&w, srows, scols))
         } else {
             (srows, scols, w)
         };

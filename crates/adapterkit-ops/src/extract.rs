@@ -13,10 +13,12 @@ use adapterkit_formats::{AdapterWriter, Checkpoint};
 use serde_json::Value;
 
 use crate::compress::{
-    lora_config, peft_key, write_lora_biases, LowRankOptions, LowRankReport, ModuleReport,
+    lora_config, peft_key, write_lora, write_lora_biases, LowRankOptions, LowRankReport,
+    ModuleReport,
 };
 use crate::deltas::looks_like_embedding;
 use crate::error::{Error, Problem, Result};
+use crate::kernels::transpose;
 use crate::svd::{self, RankRule};
 
 /// Options of [`extract`].
@@ -300,13 +302,7 @@ pub fn extract(
             );
             let (rows, cols, owned);
             let dense: &[f32] = if transposed {
-                let mut tr = vec![0f32; delta.len()];
-                for i in 0..srows {
-                    for j in 0..scols {
-                        tr[j * srows + i] = delta[i * scols + j];
-                    }
-                }
-                owned = tr;
+                owned = transpose(delta, srows, scols);
                 (rows, cols) = (scols, srows);
                 &owned
             } else {
@@ -315,53 +311,12 @@ pub fn extract(
             };
             let f = svd::factor_dense(module, dense, rows, cols, needed, &opts.lowrank.svd)?;
             let rank = opts.lowrank.policy.choose(&f.svd.s, f.total_sq).max(1);
-            let (b, a) = svd::lora_factors(&f.svd, rank, 1.0);
-            let have = f.svd.s.len().min(rank);
-            let mut a = a;
-            a.resize(rank * cols, 0.0);
-            let b = if have == rank {
-                b
-            } else {
-                let mut w = vec![0f32; rows * rank];
-                for i in 0..rows {
-                    w[i * rank..i * rank + have].copy_from_slice(&b[i * have..(i + 1) * have]);
-                }
-                w
-            };
             let dtype = opts.dtype.unwrap_or(if info.dtype.is_writable_float() {
                 info.dtype
             } else {
                 DType::F32
             });
-            let p = peft_key(module);
-            let (an, bn, a_shape, b_shape) = match &layer {
-                LayerKind::Embedding => (
-                    format!("{p}.lora_embedding_A"),
-                    format!("{p}.lora_embedding_B"),
-                    vec![rank as u64, cols as u64],
-                    vec![rows as u64, rank as u64],
-                ),
-                LayerKind::Conv { kernel } => {
-                    let mut a_shape = vec![rank as u64, info.shape[1]];
-                    a_shape.extend(kernel);
-                    let mut b_shape = vec![rows as u64, rank as u64];
-                    b_shape.extend(kernel.iter().map(|_| 1u64));
-                    (
-                        format!("{p}.lora_A.weight"),
-                        format!("{p}.lora_B.weight"),
-                        a_shape,
-                        b_shape,
-                    )
-                }
-                LayerKind::Linear { .. } => (
-                    format!("{p}.lora_A.weight"),
-                    format!("{p}.lora_B.weight"),
-                    vec![rank as u64, cols as u64],
-                    vec![rows as u64, rank as u64],
-                ),
-            };
-            out.add_f32(&an, dtype, a_shape, &a)?;
-            out.add_f32(&bn, dtype, b_shape, &b)?;
+            write_lora(out, module, &layer, &f.svd, rank, dtype)?;
             rep.lowrank.modules.push(ModuleReport {
                 module: module.clone(),
                 rows,

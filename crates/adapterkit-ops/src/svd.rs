@@ -289,7 +289,12 @@ pub fn factor_dense(
     needed: Option<usize>,
     opts: &SvdOptions,
 ) -> Result<Factored> {
-    finite(what, delta.iter().map(|&x| x as f64))?;
+    if let Some((count, _)) = crate::kernels::non_finite(delta) {
+        return Err(Error::NonFiniteUpdate {
+            what: what.to_string(),
+            count,
+        });
+    }
     let total_sq: f64 = delta.iter().map(|&x| (x as f64) * (x as f64)).sum();
     if use_randomized(opts, rows, cols, needed) {
         let rank = needed.unwrap_or(rows.min(cols));
