@@ -72,25 +72,6 @@ impl Svd {
     pub fn is_empty(&self) -> bool {
         self.s.is_empty()
     }
-
-    /// Keep the first `k` triplets.
-    pub fn truncate(&mut self, k: usize) {
-        let k = k.min(self.s.len());
-        let old = self.s.len();
-        if k == old {
-            return;
-        }
-        self.s.truncate(k);
-        self.vt.truncate(k * self.cols);
-        let mut u = Vec::with_capacity(self.rows * k);
-        for row in self.u.chunks_exact(old.max(1)) {
-            u.extend_from_slice(&row[..k]);
-        }
-        if old == 0 {
-            u.clear();
-        }
-        self.u = u;
-    }
 }
 
 fn check(len: usize, rows: usize, cols: usize) -> Result<()> {
@@ -283,25 +264,25 @@ pub fn randomized_svd(a: &[f32], rows: usize, cols: usize, opts: RandomizedOptio
     })
 }
 
-/// `C = A·B` for row-major f64 matrices (`A` is `m × k`, `B` is `k × n`).
-pub fn matmul_f64(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Result<Vec<f64>> {
-    check(a.len(), m, k)?;
-    check(b.len(), k, n)?;
-    let mut c = Mat::<f64>::zeros(m, n);
-    matmul(
-        c.as_mut(),
-        Accum::Replace,
-        MatRef::from_row_major_slice(a, m, k),
-        MatRef::from_row_major_slice(b, k, n),
-        1.0,
-        par(),
-    );
-    Ok(to_row_major(c.as_ref()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `C = A·B` for row-major f64 matrices (`A` is `m × k`, `B` is `k × n`).
+    pub fn matmul_f64(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Result<Vec<f64>> {
+        check(a.len(), m, k)?;
+        check(b.len(), k, n)?;
+        let mut c = Mat::<f64>::zeros(m, n);
+        matmul(
+            c.as_mut(),
+            Accum::Replace,
+            MatRef::from_row_major_slice(a, m, k),
+            MatRef::from_row_major_slice(b, k, n),
+            1.0,
+            par(),
+        );
+        Ok(to_row_major(c.as_ref()))
+    }
 
     fn lcg(seed: &mut u64) -> f64 {
         *seed = seed

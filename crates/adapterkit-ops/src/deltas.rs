@@ -56,32 +56,6 @@ pub struct ModuleDelta {
     pub lora: Option<adapterkit_core::ir::LowRank>,
 }
 
-impl ModuleDelta {
-    /// The dense update, row-major `rows × cols` (built from the factors if need be).
-    pub fn dense(&self) -> Vec<f32> {
-        match &self.data {
-            DeltaData::Dense(d) => d.clone(),
-            DeltaData::Product { l, r, k } => {
-                let mut out = vec![0f32; self.rows * self.cols];
-                for i in 0..self.rows {
-                    let row = &mut out[i * self.cols..(i + 1) * self.cols];
-                    let mut acc = vec![0f64; self.cols];
-                    for t in 0..*k {
-                        let c = l[i * k + t];
-                        for (x, y) in acc.iter_mut().zip(&r[t * self.cols..(t + 1) * self.cols]) {
-                            *x += c * y;
-                        }
-                    }
-                    for (o, x) in row.iter_mut().zip(acc) {
-                        *o = x as f32;
-                    }
-                }
-                out
-            }
-        }
-    }
-}
-
 /// A tensor an adapter changes that is not a weight matrix (a bias, a norm): its update cannot
 /// be a LoRA. `delta` is `None` for replacements (`replacement` names the adapter tensor).
 #[derive(Debug, Clone)]
