@@ -71,7 +71,7 @@ pub struct SvdArgs {
 }
 
 impl SvdArgs {
-    fn options(&self) -> SvdOptions {
+    pub(crate) fn options(&self) -> SvdOptions {
         SvdOptions {
             method: if self.randomized {
                 SvdMethod::Randomized
@@ -171,7 +171,7 @@ pub struct ConvertArgs {
     pub json: bool,
 }
 
-fn factor_dtype(s: &str) -> Result<Option<DType>> {
+pub(crate) fn factor_dtype(s: &str) -> Result<Option<DType>> {
     Ok(match s.to_ascii_lowercase().as_str() {
         "auto" => None,
         "f32" | "float32" | "fp32" => Some(DType::F32),
@@ -181,7 +181,7 @@ fn factor_dtype(s: &str) -> Result<Option<DType>> {
     })
 }
 
-fn report_json(rep: &LowRankReport) -> Value {
+pub(crate) fn report_json(rep: &LowRankReport) -> Value {
     json!(rep
         .modules
         .iter()
@@ -197,7 +197,7 @@ fn report_json(rep: &LowRankReport) -> Value {
         .collect::<Vec<_>>())
 }
 
-fn print_table(rep: &LowRankReport) {
+pub(crate) fn print_table(rep: &LowRankReport) {
     if rep.modules.is_empty() {
         return;
     }
@@ -229,7 +229,7 @@ fn print_table(rep: &LowRankReport) {
     }
 }
 
-fn summary(rep: &LowRankReport) -> String {
+pub(crate) fn summary(rep: &LowRankReport) -> String {
     let n = rep.modules.len();
     if n == 0 {
         return "no module factorised".into();
@@ -357,12 +357,12 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
     Ok(())
 }
 
-fn open_base(path: Option<&Path>) -> Result<Option<Checkpoint>> {
+pub(crate) fn open_base(path: Option<&Path>) -> Result<Option<Checkpoint>> {
     path.map(|p| Checkpoint::open(p).with_context(|| format!("opening base {}", p.display())))
         .transpose()
 }
 
-fn model_type(b: &Checkpoint) -> Option<&str> {
+pub(crate) fn model_type(b: &Checkpoint) -> Option<&str> {
     b.config()
         .and_then(|c| c.get("model_type"))
         .and_then(Value::as_str)

@@ -1,6 +1,7 @@
 //! The `adapterkit` command-line tool: clap arguments → validated options → library calls.
 
 mod check;
+mod combine;
 mod diff;
 mod inspect;
 mod lowrank;
@@ -48,6 +49,10 @@ enum Command {
     /// Convert an adapter: `--to-family lora` turns any family into a LoRA by an SVD of its
     /// update.
     Convert(lowrank::ConvertArgs),
+    /// Combine several adapters into one PEFT LoRA: exact in ΔW space (cat, linear, svd, and
+    /// ties/dare/magnitude_prune/breadcrumbs/della re-factorised to a rank), or PEFT's
+    /// add_weighted_adapter file for file with --compat peft.
+    Combine(combine::CombineArgs),
     /// Check adapters and safetensors files against a catalogue of rules (a CI gate): exit 0
     /// clean, 1 findings, 2 usage or I/O errors.
     Check(check::CheckArgs),
@@ -331,6 +336,7 @@ fn main() -> ExitCode {
         Command::Extract(a) => a.json,
         Command::Convert(a) => a.json,
         Command::Check(a) => a.format == "json",
+        Command::Combine(a) => a.json,
     };
     let result = match cli.command {
         // check has its own exit codes: 1 for findings, 2 for usage and I/O errors.
@@ -354,6 +360,7 @@ fn main() -> ExitCode {
         Command::Compress(a) => lowrank::run_compress(a),
         Command::Extract(a) => lowrank::run_extract(a),
         Command::Convert(a) => lowrank::run_convert(a),
+        Command::Combine(a) => combine::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

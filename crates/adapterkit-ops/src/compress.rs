@@ -173,6 +173,29 @@ pub(crate) fn write_lora(
     Ok(())
 }
 
+/// Write exact factors `ΔW = L·R` (`L` is `rows × k`, `R` is `k × cols`, row-major, the scale
+/// folded in) as `module`'s LoRA `B = L`, `A = R` for `layer` at scale 1, in `dtype`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_factors(
+    out: &mut AdapterWriter,
+    module: &str,
+    layer: &LayerKind,
+    l: &[f64],
+    r: &[f64],
+    rows: usize,
+    k: usize,
+    cols: usize,
+    dtype: DType,
+) -> Result<()> {
+    let (a_shape, b_shape) = lora_shapes(layer, k, rows, cols);
+    let a: Vec<f32> = r.iter().map(|&x| x as f32).collect();
+    let b: Vec<f32> = l.iter().map(|&x| x as f32).collect();
+    let (an, bn) = lora_names(module, layer);
+    out.add_f32(&an, dtype, a_shape, &a)?;
+    out.add_f32(&bn, dtype, b_shape, &b)?;
+    Ok(())
+}
+
 /// Re-factorise every LoRA module of a PEFT LoRA adapter (`config` is its
 /// `adapter_config.json`) to the ranks `opts` picks, writing the result to `out`. Every other
 /// tensor (DoRA magnitudes, `lora_bias`, `modules_to_save`, trainable tokens) is copied byte for

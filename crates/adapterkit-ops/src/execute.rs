@@ -107,7 +107,7 @@ struct OutFile {
 }
 
 #[derive(Default)]
-struct Scratch {
+pub(crate) struct Scratch {
     input: Vec<u64>,
     output: Vec<u64>,
     values: Vec<f32>,
@@ -116,7 +116,7 @@ struct Scratch {
 
 /// The first `len` bytes of a reusable, 8-byte-aligned buffer. The buffer only grows: shrinking
 /// and regrowing a `Vec` would zero-fill it again on every item.
-fn bytes_of(buf: &mut Vec<u64>, len: usize) -> &mut [u8] {
+pub(crate) fn bytes_of(buf: &mut Vec<u64>, len: usize) -> &mut [u8] {
     let words = len.div_ceil(8);
     if buf.len() < words {
         buf.resize(words, 0);
@@ -125,11 +125,391 @@ fn bytes_of(buf: &mut Vec<u64>, len: usize) -> &mut [u8] {
 }
 
 /// The first `n` values of a grow-only f32 buffer.
-fn values_of(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+pub(crate) fn values_of(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
     if buf.len() < n {
         buf.resize(n, 0.0);
     }
     &mut buf[..n]
+}
+
+/// One output tensor: its name, stored dtype and shape (a base tensor's name and shape).
+#[derive(Debug, Clone)]
+pub(crate) struct OutTensor {
+    pub name: String,
+    pub dtype: adapterkit_core::DType,
+    pub shape: Vec<u64>,
+}
+
+impl OutTensor {
+    fn len(&self) -> u64 {
+        self.dtype
+            .byte_len(self.shape.iter().product())
+            .expect("validated")
+    }
+}
+
+/// An output checkpoint being written: its files laid out (headers and offsets fixed) under
+/// temporary names, filled by [`Staging::write`] from any thread, renamed into place by
+/// [`Staging::commit`] only when everything succeeded.
+pub(crate) struct Staging<'a> {
+    base: &'a Checkpoint,
+    output: &'a Output,
+    tensors: Vec<OutTensor>,
+    files: Vec<OutFile>,
+    pending: Vec<PendingFile>,
+    place: Vec<(usize, u64)>,
+    single_file: bool,
+    same_as_base: bool,
+    fresh_dir: bool,
+    parent: PathBuf,
+    write_dir: PathBuf,
+    staging: Option<tempfile::TempDir>,
+}
+
+impl<'a> Staging<'a> {
+    /// Lay out `tensors` (in base order) as `output`, with `base`'s shards, metadata and extra
+    /// files as the template.
+    pub(crate) fn create(
+        base: &'a Checkpoint,
+        tensors: Vec<OutTensor>,
+        output: &'a Output,
+    ) -> Result<Self> {
+        let single_file = output.path.extension().is_some_and(|e| e == "safetensors");
+        let same_as_base = same_path(&output.path, base.root())
+            || base
+                .shards()
+                .iter()
+                .any(|s| same_path(&output.path, s.path()));
+        if same_as_base && !output.in_place {
+            return Err(Error::Output {
+                path: output.path.clone(),
+                message: "is the base checkpoint itself; pass --in-place to replace its files (atomically, one by one)".into(),
+            });
+        }
+        let exists = output.path.exists();
+        if exists && !same_as_base && !output.overwrite {
+            let empty_dir = output.path.is_dir()
+                && std::fs::read_dir(&output.path)
+                    .map(|mut d| d.next().is_none())
+                    .unwrap_or(false);
+            if !empty_dir {
+                return Err(Error::Output {
+                    path: output.path.clone(),
+                    message: "already exists; remove it or pass --force".into(),
+                });
+            }
+        }
+
+        // Output files and their tensors.
+        let files: Vec<OutFile> = if single_file {
+            let name = output
+                .path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("model.safetensors")
+                .to_string();
+            vec![OutFile {
+                name,
+                tensors: (0..tensors.len()).collect(),
+            }]
+        } else {
+            match output.sharding {
+                Sharding::Preserve => {
+                    let names: Vec<String> = match base.layout() {
+                        CkptLayout::File => vec!["model.safetensors".into()],
+                        _ => base.shard_names().to_vec(),
+                    };
+                    let mut files: Vec<OutFile> = names
+                        .into_iter()
+                        .map(|name| OutFile {
+                            name,
+                            tensors: vec![],
+                        })
+                        .collect();
+                    for (i, t) in tensors.iter().enumerate() {
+                        let s = if files.len() == 1 {
+                            0
+                        } else {
+                            base.shard_of(&t.name).unwrap_or(0)
+                        };
+                        files[s].tensors.push(i);
+                    }
+                    files
+                }
+                Sharding::MaxBytes(max) => {
+                    let mut groups: Vec<Vec<usize>> = vec![vec![]];
+                    let mut size = 0u64;
+                    for (i, t) in tensors.iter().enumerate() {
+                        let len = t.len();
+                        if size > 0 && size + len > max {
+                            groups.push(vec![]);
+                            size = 0;
+                        }
+                        groups.last_mut().expect("non-empty").push(i);
+                        size += len;
+                    }
+                    let n = groups.len();
+                    groups
+                        .into_iter()
+                        .enumerate()
+                        .map(|(k, tensors)| OutFile {
+                            name: if n == 1 {
+                                "model.safetensors".into()
+                            } else {
+                                format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
+                            },
+                            tensors,
+                        })
+                        .collect()
+                }
+            }
+        };
+
+        // Staging: a fresh directory is built beside its final place and renamed in whole; an
+        // existing one (in place, or --force) gets each file replaced atomically.
+        let fresh_dir = !single_file && !exists;
+        let parent = output
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        if !parent.is_dir() {
+            return Err(Error::Output {
+                path: output.path.clone(),
+                message: format!("parent directory {} does not exist", parent.display()),
+            });
+        }
+        let staging = if fresh_dir {
+            Some(
+                tempfile::Builder::new()
+                    .prefix(".adapterkit-")
+                    .tempdir_in(&parent)
+                    .map_err(|e| Error::io(&parent, e))?,
+            )
+        } else {
+            None
+        };
+        let write_dir: PathBuf = match (&staging, single_file) {
+            (Some(s), _) => s.path().to_path_buf(),
+            (None, true) => parent.clone(),
+            (None, false) => output.path.clone(),
+        };
+
+        let mut pending = Vec::with_capacity(files.len());
+        let mut place: Vec<(usize, u64)> = vec![(0, 0); tensors.len()];
+        for (fi, f) in files.iter().enumerate() {
+            let specs: Vec<TensorSpec> = f
+                .tensors
+                .iter()
+                .map(|&i| {
+                    let t = &tensors[i];
+                    TensorSpec {
+                        name: t.name.clone(),
+                        dtype: t.dtype,
+                        shape: t.shape.clone(),
+                    }
+                })
+                .collect();
+            let metadata = base
+                .shard_names()
+                .iter()
+                .position(|n| *n == f.name)
+                .and_then(|s| base.shards()[s].metadata())
+                .or_else(|| base.metadata());
+            let lay = layout(&specs, metadata)?;
+            for (&i, info) in f.tensors.iter().zip(&lay.tensors) {
+                place[i] = (fi, info.offset);
+            }
+            let target = if single_file {
+                output.path.clone()
+            } else {
+                write_dir.join(&f.name)
+            };
+            pending.push(PendingFile::create(&target, lay)?);
+        }
+        Ok(Staging {
+            base,
+            output,
+            tensors,
+            files,
+            pending,
+            place,
+            single_file,
+            same_as_base,
+            fresh_dir,
+            parent,
+            write_dir,
+            staging,
+        })
+    }
+
+    /// Write `bytes` at byte `offset` of output tensor `t`'s data.
+    pub(crate) fn write(&self, t: usize, offset: u64, bytes: &[u8]) -> Result<()> {
+        let (fi, at) = self.place[t];
+        Ok(self.pending[fi].write_at(at + offset, bytes)?)
+    }
+
+    /// Total bytes of tensor data.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.tensors.iter().map(OutTensor::len).sum()
+    }
+
+    /// Write the index and extra files, rename everything into place; returns the final paths.
+    pub(crate) fn commit(self, fsync: bool) -> Result<Vec<PathBuf>> {
+        let Staging {
+            base,
+            output,
+            tensors,
+            files,
+            pending,
+            single_file,
+            same_as_base,
+            fresh_dir,
+            parent,
+            write_dir,
+            staging,
+            ..
+        } = self;
+        let total: u64 = tensors.iter().map(OutTensor::len).sum();
+        let final_dir = if single_file {
+            parent.clone()
+        } else {
+            output.path.clone()
+        };
+        let mut extra_staged: Vec<(tempfile::NamedTempFile, PathBuf)> = Vec::new();
+        let index_name = match base.layout() {
+            CkptLayout::Sharded { index } => index.clone(),
+            _ => "model.safetensors.index.json".to_string(),
+        };
+        if !single_file && files.len() > 1 {
+            let mut weight_map = BTreeMap::new();
+            for f in &files {
+                for &i in &f.tensors {
+                    weight_map.insert(
+                        tensors[i].name.clone(),
+                        serde_json::Value::String(f.name.clone()),
+                    );
+                }
+            }
+            let mut meta = base.index_metadata().cloned().unwrap_or_default();
+            meta.insert("total_size".into(), serde_json::Value::from(total));
+            let index = serde_json::json!({ "metadata": meta, "weight_map": weight_map });
+            let text = serde_json::to_string_pretty(&index).expect("JSON values serialize") + "\n";
+            let tmp = stage_bytes(&write_dir, text.as_bytes())?;
+            extra_staged.push((tmp, write_dir.join(&index_name)));
+        }
+        if !(single_file || same_as_base && output.in_place) {
+            for name in base.extra_files() {
+                let src = base.root().join(name);
+                let tmp = tempfile::Builder::new()
+                    .prefix(".adapterkit-")
+                    .tempfile_in(&write_dir)
+                    .map_err(|e| Error::io(&write_dir, e))?;
+                std::fs::copy(&src, tmp.path()).map_err(|e| Error::io(&src, e))?;
+                extra_staged.push((tmp, write_dir.join(name)));
+            }
+        }
+        let mut written: Vec<String> = Vec::new();
+        for p in pending {
+            written.push(
+                p.target()
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+            p.commit(fsync)?;
+        }
+        for (tmp, target) in extra_staged {
+            written.push(
+                target
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+            if fsync {
+                tmp.as_file()
+                    .sync_all()
+                    .map_err(|e| Error::io(tmp.path(), e))?;
+            }
+            tmp.persist(&target)
+                .map_err(|e| Error::io(&target, e.error))?;
+        }
+        if !single_file && !fresh_dir {
+            // Remove the shards and index of an earlier checkpoint layout that this output no
+            // longer has (only files named as a checkpoint's weights are: `model.safetensors`,
+            // `model-0000i-of-0000N.safetensors`, their index, and the base's own shards in place).
+            let previous: Vec<String> = if same_as_base {
+                let mut v = base.shard_names().to_vec();
+                if let CkptLayout::Sharded { index } = base.layout() {
+                    v.push(index.clone());
+                }
+                v
+            } else {
+                Vec::new()
+            };
+            let checkpoint_name = |n: &str| {
+                n == "model.safetensors"
+                    || n == "model.safetensors.index.json"
+                    || n.strip_prefix("model-")
+                        .and_then(|r| r.strip_suffix(".safetensors"))
+                        .is_some_and(|r| {
+                            let b = r.as_bytes();
+                            b.len() == 14
+                                && &r[5..9] == "-of-"
+                                && b[..5].iter().chain(&b[9..]).all(u8::is_ascii_digit)
+                        })
+            };
+            if let Ok(dir) = std::fs::read_dir(&output.path) {
+                for e in dir.flatten() {
+                    let n = e.file_name().to_string_lossy().to_string();
+                    let weightish = checkpoint_name(&n) || previous.contains(&n);
+                    if weightish && !written.contains(&n) && !n.starts_with('.') {
+                        std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
+                    }
+                }
+            }
+        }
+        if let Some(staging) = staging {
+            let p = staging.keep();
+            if let Err(e) = std::fs::rename(&p, &output.path) {
+                let _ = std::fs::remove_dir_all(&p);
+                return Err(Error::io(&output.path, e));
+            }
+        }
+        Ok(if single_file {
+            vec![output.path.clone()]
+        } else {
+            written.iter().map(|n| final_dir.join(n)).collect()
+        })
+    }
+}
+
+/// Run `work` on every item with `threads` workers (0: one per core), each with its own reused
+/// scratch.
+pub(crate) fn run_parallel<I: Sync, S: Default + Send>(
+    threads: usize,
+    items: &[I],
+    work: impl Fn(&mut S, &I) -> Result<()> + Sync,
+) -> Result<()> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::Options(format!("cannot start {threads} threads: {e}")))?;
+    // One scratch set per worker thread, reused across items (rayon's per-job init would
+    // allocate and zero fresh buffers for every item).
+    let scratches: Vec<Mutex<S>> = (0..pool.current_num_threads())
+        .map(|_| Mutex::new(S::default()))
+        .collect();
+    pool.install(|| {
+        items.par_iter().with_max_len(1).try_for_each(|item| {
+            let slot = rayon::current_thread_index().unwrap_or(0) % scratches.len();
+            let mut scratch = scratches[slot].lock().unwrap_or_else(|e| e.into_inner());
+            work(&mut scratch, item)
+        })
+    })
 }
 
 /// Execute `plan` against `base`, writing `output`.
@@ -139,160 +519,16 @@ pub fn execute(
     output: &Output,
     opts: &ExecOptions,
 ) -> Result<MergeReport> {
-    let single_file = output.path.extension().is_some_and(|e| e == "safetensors");
-    let same_as_base = same_path(&output.path, base.root())
-        || base
-            .shards()
-            .iter()
-            .any(|s| same_path(&output.path, s.path()));
-    if same_as_base && !output.in_place {
-        return Err(Error::Output {
-            path: output.path.clone(),
-            message: "is the base checkpoint itself; pass --in-place to replace its files (atomically, one by one)".into(),
-        });
-    }
-    let exists = output.path.exists();
-    if exists && !same_as_base && !output.overwrite {
-        let empty_dir = output.path.is_dir()
-            && std::fs::read_dir(&output.path)
-                .map(|mut d| d.next().is_none())
-                .unwrap_or(false);
-        if !empty_dir {
-            return Err(Error::Output {
-                path: output.path.clone(),
-                message: "already exists; remove it or pass --force".into(),
-            });
-        }
-    }
-
-    // Output files and their tensors.
-    let files: Vec<OutFile> = if single_file {
-        let name = output
-            .path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("model.safetensors")
-            .to_string();
-        vec![OutFile {
-            name,
-            tensors: (0..plan.tensors.len()).collect(),
-        }]
-    } else {
-        match output.sharding {
-            Sharding::Preserve => {
-                let names: Vec<String> = match base.layout() {
-                    CkptLayout::File => vec!["model.safetensors".into()],
-                    _ => base.shard_names().to_vec(),
-                };
-                let mut files: Vec<OutFile> = names
-                    .into_iter()
-                    .map(|name| OutFile {
-                        name,
-                        tensors: vec![],
-                    })
-                    .collect();
-                for (i, t) in plan.tensors.iter().enumerate() {
-                    let s = if files.len() == 1 {
-                        0
-                    } else {
-                        base.shard_of(&t.source.name).unwrap_or(0)
-                    };
-                    files[s].tensors.push(i);
-                }
-                files
-            }
-            Sharding::MaxBytes(max) => {
-                let mut groups: Vec<Vec<usize>> = vec![vec![]];
-                let mut size = 0u64;
-                for (i, t) in plan.tensors.iter().enumerate() {
-                    let len = t.out_len();
-                    if size > 0 && size + len > max {
-                        groups.push(vec![]);
-                        size = 0;
-                    }
-                    groups.last_mut().expect("non-empty").push(i);
-                    size += len;
-                }
-                let n = groups.len();
-                groups
-                    .into_iter()
-                    .enumerate()
-                    .map(|(k, tensors)| OutFile {
-                        name: if n == 1 {
-                            "model.safetensors".into()
-                        } else {
-                            format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
-                        },
-                        tensors,
-                    })
-                    .collect()
-            }
-        }
-    };
-
-    // Staging: a fresh directory is built beside its final place and renamed in whole; an
-    // existing one (in place, or --force) gets each file replaced atomically.
-    let fresh_dir = !single_file && !exists;
-    let parent = output
-        .path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-    if !parent.is_dir() {
-        return Err(Error::Output {
-            path: output.path.clone(),
-            message: format!("parent directory {} does not exist", parent.display()),
-        });
-    }
-    let staging = if fresh_dir {
-        Some(
-            tempfile::Builder::new()
-                .prefix(".adapterkit-")
-                .tempdir_in(&parent)
-                .map_err(|e| Error::io(&parent, e))?,
-        )
-    } else {
-        None
-    };
-    let write_dir: PathBuf = match (&staging, single_file) {
-        (Some(s), _) => s.path().to_path_buf(),
-        (None, true) => parent.clone(),
-        (None, false) => output.path.clone(),
-    };
-
-    let mut pending = Vec::with_capacity(files.len());
-    let mut place: Vec<(usize, u64)> = vec![(0, 0); plan.tensors.len()];
-    for (fi, f) in files.iter().enumerate() {
-        let specs: Vec<TensorSpec> = f
-            .tensors
-            .iter()
-            .map(|&i| {
-                let t = &plan.tensors[i];
-                TensorSpec {
-                    name: t.source.name.clone(),
-                    dtype: t.out_dtype,
-                    shape: t.source.shape.clone(),
-                }
-            })
-            .collect();
-        let metadata = base
-            .shard_names()
-            .iter()
-            .position(|n| *n == f.name)
-            .and_then(|s| base.shards()[s].metadata())
-            .or_else(|| base.metadata());
-        let lay = layout(&specs, metadata)?;
-        for (&i, info) in f.tensors.iter().zip(&lay.tensors) {
-            place[i] = (fi, info.offset);
-        }
-        let target = if single_file {
-            output.path.clone()
-        } else {
-            write_dir.join(&f.name)
-        };
-        pending.push(PendingFile::create(&target, lay)?);
-    }
+    let out_tensors = plan
+        .tensors
+        .iter()
+        .map(|t| OutTensor {
+            name: t.source.name.clone(),
+            dtype: t.out_dtype,
+            shape: t.source.shape.clone(),
+        })
+        .collect();
+    let staging = Staging::create(base, out_tensors, output)?;
 
     // Work items.
     let mut items = Vec::new();
@@ -344,8 +580,7 @@ pub fn execute(
                 let pt = &plan.tensors[t];
                 let buf = bytes_of(&mut scratch.input, len as usize);
                 base.read_bytes(&pt.source.name, offset, buf)?;
-                let (fi, at) = place[t];
-                pending[fi].write_at(at + offset, buf)?;
+                staging.write(t, offset, buf)?;
                 if let Some(p) = &opts.progress {
                     p.fetch_add(len, Ordering::Relaxed);
                 }
@@ -385,8 +620,7 @@ pub fn execute(
                 let out_off = pt.out_dtype.byte_len(row0 * cols).expect("validated");
                 let out = bytes_of(&mut scratch.output, out_len);
                 encode_from_f32(pt.out_dtype, values, out)?;
-                let (fi, at) = place[t];
-                pending[fi].write_at(at + out_off, out)?;
+                staging.write(t, out_off, out)?;
                 if let Some(p) = &opts.progress {
                     p.fetch_add(out_len as u64, Ordering::Relaxed);
                 }
@@ -398,33 +632,16 @@ pub fn execute(
         }
         Ok(())
     };
-
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.threads)
-        .build()
-        .map_err(|e| Error::Options(format!("cannot start {} threads: {e}", opts.threads)))?;
-    // One scratch set per worker thread, reused across items (rayon's per-job init would
-    // allocate and zero fresh buffers for every item).
-    let scratches: Vec<Mutex<Scratch>> = (0..pool.current_num_threads())
-        .map(|_| Mutex::new(Scratch::default()))
-        .collect();
-    pool.install(|| {
-        items.par_iter().with_max_len(1).try_for_each(|item| {
-            let slot = rayon::current_thread_index().unwrap_or(0) % scratches.len();
-            let mut scratch = scratches[slot].lock().unwrap_or_else(|e| e.into_inner());
-            run(&mut scratch, item)
-        })
-    })?;
-    drop(scratches);
+    run_parallel(opts.threads, &items, run)?;
 
     // Everything computed: index, extra files, then commit.
     let mut report = MergeReport {
         tensors: plan.tensors.len(),
         skipped_files: base.skipped_files().to_vec(),
+        bytes: staging.bytes(),
         ..Default::default()
     };
     for t in &plan.tensors {
-        report.bytes += t.out_len();
         if !t.ops.is_empty() {
             report.merged += 1;
         } else if t.is_copy() {
@@ -433,118 +650,7 @@ pub fn execute(
             report.converted += 1;
         }
     }
-    let final_dir = if single_file {
-        parent.clone()
-    } else {
-        output.path.clone()
-    };
-    let mut extra_staged: Vec<(tempfile::NamedTempFile, PathBuf)> = Vec::new();
-    let index_name = match base.layout() {
-        CkptLayout::Sharded { index } => index.clone(),
-        _ => "model.safetensors.index.json".to_string(),
-    };
-    if !single_file && files.len() > 1 {
-        let mut weight_map = BTreeMap::new();
-        for f in &files {
-            for &i in &f.tensors {
-                weight_map.insert(
-                    plan.tensors[i].source.name.clone(),
-                    serde_json::Value::String(f.name.clone()),
-                );
-            }
-        }
-        let mut meta = base.index_metadata().cloned().unwrap_or_default();
-        meta.insert("total_size".into(), serde_json::Value::from(report.bytes));
-        let index = serde_json::json!({ "metadata": meta, "weight_map": weight_map });
-        let text = serde_json::to_string_pretty(&index).expect("JSON values serialize") + "\n";
-        let tmp = stage_bytes(&write_dir, text.as_bytes())?;
-        extra_staged.push((tmp, write_dir.join(&index_name)));
-    }
-    if !(single_file || same_as_base && output.in_place) {
-        for name in base.extra_files() {
-            let src = base.root().join(name);
-            let tmp = tempfile::Builder::new()
-                .prefix(".adapterkit-")
-                .tempfile_in(&write_dir)
-                .map_err(|e| Error::io(&write_dir, e))?;
-            std::fs::copy(&src, tmp.path()).map_err(|e| Error::io(&src, e))?;
-            extra_staged.push((tmp, write_dir.join(name)));
-        }
-    }
-    let mut written: Vec<String> = Vec::new();
-    for p in pending {
-        written.push(
-            p.target()
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default()
-                .to_string(),
-        );
-        p.commit(opts.fsync)?;
-    }
-    for (tmp, target) in extra_staged {
-        written.push(
-            target
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default()
-                .to_string(),
-        );
-        if opts.fsync {
-            tmp.as_file()
-                .sync_all()
-                .map_err(|e| Error::io(tmp.path(), e))?;
-        }
-        tmp.persist(&target)
-            .map_err(|e| Error::io(&target, e.error))?;
-    }
-    if !single_file && !fresh_dir {
-        // Remove the shards and index of an earlier checkpoint layout that this output no
-        // longer has (only files named as a checkpoint's weights are: `model.safetensors`,
-        // `model-0000i-of-0000N.safetensors`, their index, and the base's own shards in place).
-        let previous: Vec<String> = if same_as_base {
-            let mut v = base.shard_names().to_vec();
-            if let CkptLayout::Sharded { index } = base.layout() {
-                v.push(index.clone());
-            }
-            v
-        } else {
-            Vec::new()
-        };
-        let checkpoint_name = |n: &str| {
-            n == "model.safetensors"
-                || n == "model.safetensors.index.json"
-                || n.strip_prefix("model-")
-                    .and_then(|r| r.strip_suffix(".safetensors"))
-                    .is_some_and(|r| {
-                        let b = r.as_bytes();
-                        b.len() == 14
-                            && &r[5..9] == "-of-"
-                            && b[..5].iter().chain(&b[9..]).all(u8::is_ascii_digit)
-                    })
-        };
-        if let Ok(dir) = std::fs::read_dir(&output.path) {
-            for e in dir.flatten() {
-                let n = e.file_name().to_string_lossy().to_string();
-                let weightish = checkpoint_name(&n) || previous.contains(&n);
-                if weightish && !written.contains(&n) && !n.starts_with('.') {
-                    std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
-                }
-            }
-        }
-    }
-    if let Some(staging) = staging {
-        let p = staging.keep();
-        if let Err(e) = std::fs::rename(&p, &output.path) {
-            let _ = std::fs::remove_dir_all(&p);
-            return Err(Error::io(&output.path, e));
-        }
-    }
-    report.files = if single_file {
-        vec![output.path.clone()]
-    } else {
-        written.iter().map(|n| final_dir.join(n)).collect()
-    };
+    report.files = staging.commit(opts.fsync)?;
     Ok(report)
 }
 

@@ -6,6 +6,7 @@
 
 mod apply;
 pub mod check;
+pub mod combine;
 pub mod compress;
 pub mod deltas;
 pub mod error;
@@ -13,6 +14,8 @@ pub mod execute;
 pub mod extract;
 pub mod families;
 pub mod kernels;
+pub mod methods;
+pub mod model_merge;
 pub mod plan;
 pub mod svd;
 pub mod torch_rng;

@@ -1,0 +1,933 @@
+//! Combining several adapters into one PEFT LoRA.
+//!
+//! [`combine`] is exact in `ΔW` space: `cat`/`linear` write the weighted sum as concatenated
+//! factors (rank `Σ rᵢ`, no approximation); `svd` re-factorises the sum to a rank; the
+//! sparsifying methods act on each module's `ΔWᵢ` (PEFT's `merge_utils` arithmetic for
+//! ties/dare/magnitude_prune, mergekit's for breadcrumbs/della) and the result is re-factorised
+//! to `--rank`, with the approximation error reported per module. Adapters of any family take
+//! part through their `ΔW` ([`crate::deltas`]); a module missing from an adapter contributes
+//! nothing there.
+//!
+//! [`combine_peft`] reproduces PEFT's `add_weighted_adapter` file for file, including what it
+//! does that is not `Σ wᵢ ΔWᵢ`: linear/ties/dare/magnitude_prune mix the `A`s and the `B`s
+//! separately with `√|w·s|` weights (cross terms `Bᵢ·Aⱼ`), `cat` pads with zero rows at the end,
+//! and the result copies the first adapter's config with `r = lora_alpha = new rank`.
+
+use std::collections::BTreeMap;
+
+use adapterkit_core::ir::{Adapter, LayerKind, LowRank, Payload};
+use adapterkit_core::{DType, TensorSource};
+use adapterkit_formats::AdapterWriter;
+use serde_json::{json, Value};
+
+use crate::compress::{
+    lora_config, peft_key, write_factors, write_lora, write_lora_biases, LowRankReport,
+    ModuleReport,
+};
+use crate::deltas::{DeltaData, Deltas, ModuleDelta};
+use crate::error::{Error, Result};
+use crate::methods::{
+    self, DenseRows, InputParams, Majority, PeftKind, Sparsify, TaskSpec, Uniforms,
+};
+use crate::svd::{self, Factored, SvdOptions};
+
+/// A way of combining adapters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CombineMethod {
+    /// Concatenate the factors (exact).
+    Cat,
+    /// The weighted sum (exact; the same file as `cat` in exact mode).
+    Linear,
+    /// The weighted sum, re-factorised to a rank.
+    Svd,
+    /// TIES on each `ΔWᵢ`.
+    Ties,
+    /// DARE, then the weighted sum.
+    DareLinear,
+    /// DARE, then TIES's sign election.
+    DareTies,
+    /// Magnitude pruning, then the weighted sum.
+    MagnitudePrune,
+    /// Model Breadcrumbs (mergekit).
+    Breadcrumbs,
+    /// DELLA (mergekit).
+    Della,
+}
+
+impl CombineMethod {
+    /// Every method by name.
+    pub const ALL: [(&'static str, CombineMethod); 9] = [
+        ("cat", CombineMethod::Cat),
+        ("linear", CombineMethod::Linear),
+        ("svd", CombineMethod::Svd),
+        ("ties", CombineMethod::Ties),
+        ("dare_linear", CombineMethod::DareLinear),
+        ("dare_ties", CombineMethod::DareTies),
+        ("magnitude_prune", CombineMethod::MagnitudePrune),
+        ("breadcrumbs", CombineMethod::Breadcrumbs),
+        ("della", CombineMethod::Della),
+    ];
+
+    /// The method called `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, m)| *m)
+    }
+
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, m)| *m == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("?")
+    }
+
+    fn peft_kind(self) -> Option<PeftKind> {
+        Some(match self {
+            CombineMethod::Cat | CombineMethod::Linear | CombineMethod::Svd => PeftKind::Linear,
+            CombineMethod::Ties => PeftKind::Ties,
+            CombineMethod::DareLinear => PeftKind::DareLinear,
+            CombineMethod::DareTies => PeftKind::DareTies,
+            CombineMethod::MagnitudePrune => PeftKind::MagnitudePrune,
+            CombineMethod::Breadcrumbs | CombineMethod::Della => return None,
+        })
+    }
+
+    fn needs_density(self) -> bool {
+        !matches!(
+            self,
+            CombineMethod::Cat | CombineMethod::Linear | CombineMethod::Svd
+        )
+    }
+}
+
+/// Options of a combination.
+#[derive(Debug, Clone)]
+pub struct CombineOptions {
+    /// The method.
+    pub method: CombineMethod,
+    /// One weight per adapter.
+    pub weights: Vec<f64>,
+    /// Fraction kept by the sparsifying methods.
+    pub density: Option<f64>,
+    /// Breadcrumbs: fraction of the largest magnitudes dropped.
+    pub gamma: f64,
+    /// DELLA: spread of the keep probabilities.
+    pub epsilon: f64,
+    /// Output rank of re-factorised modules (default: the largest input rank).
+    pub rank: Option<usize>,
+    /// Seed of random masks.
+    pub seed: u64,
+    /// Majority sign rule of ties/dare_ties.
+    pub majority: Majority,
+    /// SVD options.
+    pub svd: SvdOptions,
+    /// dtype of the written factors.
+    pub dtype: DType,
+}
+
+fn density(opts: &CombineOptions) -> Result<f64> {
+    let d = opts.density.ok_or_else(|| {
+        Error::Options(format!(
+            "combine --method {} needs --density (the fraction of each update kept, in [0, 1])",
+            opts.method.name()
+        ))
+    })?;
+    if !(0.0..=1.0).contains(&d) {
+        return Err(Error::Options(format!("--density {d} is outside [0, 1]")));
+    }
+    Ok(d)
+}
+
+fn dense(md: &ModuleDelta) -> Vec<f32> {
+    match &md.data {
+        DeltaData::Dense(d) => d.clone(),
+        DeltaData::Product { l, r, k } => {
+            let (rows, cols, k) = (md.rows, md.cols, *k);
+            let mut out = vec![0f32; rows * cols];
+            for i in 0..rows {
+                let o = &mut out[i * cols..(i + 1) * cols];
+                let mut acc = vec![0f64; cols];
+                for t in 0..k {
+                    let li = l[i * k + t];
+                    if li != 0.0 {
+                        for (a, rv) in acc.iter_mut().zip(&r[t * cols..(t + 1) * cols]) {
+                            *a += li * rv;
+                        }
+                    }
+                }
+                for (x, a) in o.iter_mut().zip(acc) {
+                    *x = a as f32;
+                }
+            }
+            out
+        }
+    }
+}
+
+/// Mix dense task tensors (flat, one per input) by `opts.method`, input `i` of `inputs` being
+/// adapter `idx[i]`. `what` names the tensor (random streams and messages).
+fn mix(
+    opts: &CombineOptions,
+    what: &str,
+    idx: &[usize],
+    tensors: Vec<Vec<f32>>,
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<f32>> {
+    let weights: Vec<f64> = idx.iter().map(|&i| opts.weights[i]).collect();
+    let d = if opts.method.needs_density() {
+        density(opts)?
+    } else {
+        1.0
+    };
+    if let Some(kind) = opts.method.peft_kind() {
+        let streams: Vec<Uniforms> = idx
+            .iter()
+            .map(|&i| Uniforms::new(opts.seed, i, what))
+            .collect();
+        return Ok(methods::peft_mix(
+            kind,
+            tensors,
+            &weights,
+            d,
+            opts.majority,
+            &|i, j| streams[i].at(j as u64),
+        ));
+    }
+    let della = opts.method == CombineMethod::Della;
+    let spec = TaskSpec {
+        sparsify: Some(if della {
+            Sparsify::Della
+        } else {
+            Sparsify::Outliers
+        }),
+        consensus: della.then_some(opts.majority),
+        normalize: della,
+        rescale: della,
+        lambda: 1.0,
+        params: weights
+            .iter()
+            .map(|&w| InputParams {
+                weight: w,
+                density: d,
+                gamma: opts.gamma,
+                epsilon: opts.epsilon,
+            })
+            .collect(),
+        seed: opts.seed,
+        tensor: what.to_string(),
+    };
+    // Streams are per input position; keep them per adapter by offsetting the seed.
+    let src = DenseRows {
+        tensors: &tensors,
+        rows,
+        cols,
+    };
+    let mut out = Vec::with_capacity(rows * cols);
+    methods::task_arithmetic(&src, &spec, &mut |_, o| {
+        out.extend_from_slice(o);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Combine adapters (`inputs`: each adapter with its updates) into one PEFT LoRA written to
+/// `out`. `base` is needed only to save a combined vector update that has no LoRA module to
+/// ride on. Returns the config and the per-module report.
+pub fn combine(
+    inputs: &[(&Adapter, &Deltas)],
+    base: Option<&dyn TensorSource>,
+    base_model: Option<&str>,
+    opts: &CombineOptions,
+    out: &mut AdapterWriter,
+) -> Result<(Value, LowRankReport)> {
+    if opts.weights.len() != inputs.len() {
+        return Err(Error::Options(format!(
+            "{} weight(s) for {} adapter(s)",
+            opts.weights.len(),
+            inputs.len()
+        )));
+    }
+    if opts.method.needs_density() {
+        density(opts)?;
+    }
+    // Modules in order of first appearance, with every adapter's update of each.
+    let mut order: Vec<String> = Vec::new();
+    let mut by_module: BTreeMap<String, Vec<(usize, &ModuleDelta)>> = BTreeMap::new();
+    for (i, (adapter, deltas)) in inputs.iter().enumerate() {
+        for v in &deltas.vectors {
+            if v.replacement.is_some() {
+                return Err(Error::Options(format!(
+                    "{}: {} is replaced whole (modules_to_save / trainable tokens); a replacement cannot be weighted or summed with other adapters",
+                    adapter.path.display(),
+                    v.target
+                )));
+            }
+        }
+        for md in &deltas.matrices {
+            if md.lora.as_ref().is_some_and(|l| l.magnitude.is_some()) {
+                return Err(Error::Options(format!(
+                    "{}: module {} is DoRA; pass --base so its whole update W′ − W is combined",
+                    adapter.path.display(),
+                    md.module
+                )));
+            }
+            let e = by_module.entry(md.module.clone()).or_default();
+            if e.is_empty() {
+                order.push(md.module.clone());
+            }
+            e.push((i, md));
+        }
+    }
+    if order.is_empty() {
+        return Err(Error::Options(
+            "the adapters change no weight matrix, so there is no LoRA to write".into(),
+        ));
+    }
+    let input_rank = |md: &ModuleDelta| match &md.data {
+        DeltaData::Product { k, .. } => Some(*k),
+        DeltaData::Dense(_) => None,
+    };
+    let default_rank = inputs
+        .iter()
+        .flat_map(|(_, d)| d.matrices.iter().filter_map(input_rank))
+        .max();
+
+    let mut rep = LowRankReport::default();
+    let mut targets = Vec::new();
+    let mut fan_in_fan_out: Option<bool> = None;
+    let mut out_dims: BTreeMap<String, usize> = BTreeMap::new();
+    for module in &order {
+        let entries = &by_module[module];
+        let first = entries[0].1;
+        for (i, md) in entries {
+            if (md.rows, md.cols) != (first.rows, first.cols) || md.layer != first.layer {
+                return Err(Error::Options(format!(
+                    "module {module}: {} has a {}×{} update ({:?}) but {} has {}×{} ({:?})",
+                    inputs[entries[0].0].0.path.display(),
+                    first.rows,
+                    first.cols,
+                    first.layer,
+                    inputs[*i].0.path.display(),
+                    md.rows,
+                    md.cols,
+                    md.layer
+                )));
+            }
+        }
+        if let LayerKind::Linear { fan_in_fan_out: t } = first.layer {
+            match fan_in_fan_out {
+                None => fan_in_fan_out = Some(t),
+                Some(p) if p != t => {
+                    return Err(Error::Options(
+                        "some linear modules store their weight (in, out) and others (out, in); PEFT's fan_in_fan_out is one flag for the whole adapter".into(),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        let (rows, cols) = (first.rows, first.cols);
+        let before = entries.iter().filter_map(|(_, md)| input_rank(md)).max();
+        let all_products = entries.iter().all(|(_, md)| input_rank(md).is_some());
+        let exact = matches!(opts.method, CombineMethod::Cat | CombineMethod::Linear);
+        if exact && all_products {
+            // Σ wᵢ·Lᵢ·Rᵢ = [w₁L₁ | w₂L₂ | …]·[R₁; R₂; …].
+            let k: usize = entries
+                .iter()
+                .map(|(_, md)| input_rank(md).unwrap_or(0))
+                .sum();
+            let mut l = vec![0f64; rows * k];
+            let mut r = Vec::with_capacity(k * cols);
+            let mut col = 0;
+            for (i, md) in entries {
+                let DeltaData::Product {
+                    l: li,
+                    r: ri,
+                    k: ki,
+                } = &md.data
+                else {
+                    unreachable!("all products")
+                };
+                let w = opts.weights[*i];
+                for row in 0..rows {
+                    for t in 0..*ki {
+                        l[row * k + col + t] = w * li[row * ki + t];
+                    }
+                }
+                r.extend_from_slice(ri);
+                col += ki;
+            }
+            write_factors(out, module, &first.layer, &l, &r, rows, k, cols, opts.dtype)?;
+            rep.modules.push(ModuleReport {
+                module: module.clone(),
+                rows,
+                cols,
+                rank_before: before,
+                rank: k,
+                error: 0.0,
+                energy: 1.0,
+                method: "exact",
+            });
+        } else {
+            let f: Factored = if opts.method == CombineMethod::Svd && all_products {
+                // The weighted sum as one product, factorised exactly.
+                let k: usize = entries
+                    .iter()
+                    .map(|(_, md)| input_rank(md).unwrap_or(0))
+                    .sum();
+                let mut l = vec![0f64; rows * k];
+                let mut r = Vec::with_capacity(k * cols);
+                let mut col = 0;
+                for (i, md) in entries {
+                    let DeltaData::Product {
+                        l: li,
+                        r: ri,
+                        k: ki,
+                    } = &md.data
+                    else {
+                        unreachable!("all products")
+                    };
+                    for row in 0..rows {
+                        for t in 0..*ki {
+                            l[row * k + col + t] = opts.weights[*i] * li[row * ki + t];
+                        }
+                    }
+                    r.extend_from_slice(ri);
+                    col += ki;
+                }
+                svd::factor_product(module, &l, &r, rows, k, cols)?
+            } else {
+                let idx: Vec<usize> = entries.iter().map(|(i, _)| *i).collect();
+                let tensors: Vec<Vec<f32>> = entries.iter().map(|(_, md)| dense(md)).collect();
+                let mixed = mix(opts, module, &idx, tensors, rows, cols)?;
+                let needed = if exact {
+                    None
+                } else {
+                    opts.rank.or(default_rank)
+                };
+                svd::factor_dense(module, &mixed, rows, cols, needed, &opts.svd)?
+            };
+            let nonzero = f.svd.s.iter().take_while(|&&x| x > 0.0).count();
+            let rank = if exact {
+                // Lossless: every non-negligible triplet.
+                let tol = f.svd.s.first().copied().unwrap_or(0.0) * 1e-7;
+                f.svd.s.iter().take_while(|&&x| x > tol).count()
+            } else {
+                let r = opts.rank.or(default_rank).ok_or_else(|| {
+                    Error::Options(format!(
+                        "module {module}: no input is low-rank, so there is no default output rank; pass --rank"
+                    ))
+                })?;
+                r.min(rows.min(cols))
+            }
+            .max(1);
+            let _ = nonzero;
+            write_lora(out, module, &first.layer, &f.svd, rank, opts.dtype)?;
+            rep.modules.push(ModuleReport {
+                module: module.clone(),
+                rows,
+                cols,
+                rank_before: before,
+                rank,
+                error: f.error_at(rank),
+                energy: f.energy_at(rank),
+                method: f.kind.name(),
+            });
+        }
+        targets.push(module.clone());
+        out_dims.insert(module.clone(), rows);
+    }
+
+    // Vector updates (biases, norms): combined by the same rule.
+    let mut vec_targets: Vec<String> = Vec::new();
+    let mut vec_entries: BTreeMap<String, Vec<(usize, &crate::deltas::VectorDelta)>> =
+        BTreeMap::new();
+    for (i, (_, deltas)) in inputs.iter().enumerate() {
+        for v in &deltas.vectors {
+            if v.delta.is_some() {
+                let e = vec_entries.entry(v.target.clone()).or_default();
+                if e.is_empty() {
+                    vec_targets.push(v.target.clone());
+                }
+                e.push((i, v));
+            }
+        }
+    }
+    let mut biases: BTreeMap<String, (DType, Vec<f32>)> = BTreeMap::new();
+    let mut modules_to_save = Vec::new();
+    for target in &vec_targets {
+        let entries = &vec_entries[target];
+        let v0 = entries[0].1;
+        let n = v0.delta.as_ref().map_or(0, Vec::len);
+        let idx: Vec<usize> = entries.iter().map(|(i, _)| *i).collect();
+        let tensors: Vec<Vec<f32>> = entries
+            .iter()
+            .map(|(_, v)| v.delta.clone().unwrap_or_default())
+            .collect();
+        if tensors.iter().any(|t| t.len() != n) {
+            return Err(Error::Options(format!(
+                "{target}: the adapters' updates differ in length"
+            )));
+        }
+        let mixed = mix(opts, target, &idx, tensors, 1, n)?;
+        if target.ends_with(".bias") && out_dims.get(&v0.module) == Some(&n) {
+            biases.insert(v0.module.clone(), (opts.dtype, mixed));
+            continue;
+        }
+        let Some(base) = base else {
+            return Err(Error::Options(format!(
+                "the combined update of {target} (module {}) has no LoRA form; pass --base to save the updated tensor whole (modules_to_save)",
+                v0.module
+            )));
+        };
+        let info = base
+            .info(target)
+            .ok_or_else(|| adapterkit_core::Error::TensorNotFound {
+                name: target.clone(),
+            })?
+            .clone();
+        let mut w = base.read_f32(target)?;
+        for (x, d) in w.iter_mut().zip(&mixed) {
+            *x += d;
+        }
+        let dt = if info.dtype.is_writable_float() {
+            info.dtype
+        } else {
+            DType::F32
+        };
+        out.add_f32(&peft_key(target), dt, v0.shape.clone(), &w)?;
+        if !modules_to_save.contains(&v0.module) {
+            modules_to_save.push(v0.module.clone());
+        }
+        rep.notes.push(format!(
+            "{target}: not the bias of a LoRA module, saved whole (modules_to_save)"
+        ));
+    }
+    let lora_bias = !biases.is_empty();
+    if lora_bias {
+        write_lora_biases(
+            out_dims.iter().map(|(m, n)| (m.clone(), (*n, opts.dtype))),
+            biases,
+            out,
+        )?;
+        rep.notes.push(
+            "bias updates written as lora_bias (zero for modules whose bias did not change)".into(),
+        );
+    }
+    let cfg = lora_config(
+        base_model,
+        &rep.modules,
+        targets,
+        modules_to_save,
+        fan_in_fan_out.unwrap_or(false),
+        lora_bias,
+        false,
+    );
+    Ok((cfg, rep))
+}
+
+/// PEFT's combination types, by `add_weighted_adapter`'s names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeftCombination {
+    /// `cat`.
+    Cat,
+    /// `linear`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune`: the `A`s and `B`s
+    /// mixed separately.
+    Factors(PeftKind),
+    /// `svd`, `ties_svd`, …: the `ΔWᵢ` mixed, then a truncated SVD.
+    Svd(PeftKind),
+}
+
+impl PeftCombination {
+    /// `combination_type` as PEFT spells it.
+    pub fn from_name(name: &str) -> Option<Self> {
+        use PeftKind::*;
+        Some(match name {
+            "cat" => PeftCombination::Cat,
+            "linear" => PeftCombination::Factors(Linear),
+            "ties" => PeftCombination::Factors(Ties),
+            "dare_linear" => PeftCombination::Factors(DareLinear),
+            "dare_ties" => PeftCombination::Factors(DareTies),
+            "magnitude_prune" => PeftCombination::Factors(MagnitudePrune),
+            "svd" => PeftCombination::Svd(Linear),
+            "ties_svd" => PeftCombination::Svd(Ties),
+            "dare_linear_svd" => PeftCombination::Svd(DareLinear),
+            "dare_ties_svd" => PeftCombination::Svd(DareTies),
+            "magnitude_prune_svd" => PeftCombination::Svd(MagnitudePrune),
+            _ => return None,
+        })
+    }
+}
+
+/// Options of [`combine_peft`].
+#[derive(Debug, Clone)]
+pub struct PeftCombineOptions {
+    /// The combination type.
+    pub combination: PeftCombination,
+    /// One weight per adapter.
+    pub weights: Vec<f64>,
+    /// `svd_rank`.
+    pub svd_rank: Option<usize>,
+    /// `density`.
+    pub density: Option<f64>,
+    /// `majority_sign_method`.
+    pub majority: Majority,
+    /// Seed of DARE's masks (PEFT draws from torch's global generator; these are not the same
+    /// draws).
+    pub seed: u64,
+}
+
+fn config_rank(cfg: &Value) -> u64 {
+    let r = cfg.get("r").and_then(Value::as_u64).unwrap_or(8);
+    cfg.get("rank_pattern")
+        .and_then(Value::as_object)
+        .map(|p| p.values().filter_map(Value::as_u64).fold(r, u64::max))
+        .unwrap_or(r)
+}
+
+struct Factor {
+    values: Vec<f32>,
+    shape: Vec<u64>,
+    dtype: DType,
+}
+
+fn read(adapter: &Adapter, name: &str) -> Result<Factor> {
+    let info = adapter
+        .tensors
+        .info(name)
+        .ok_or_else(|| adapterkit_core::Error::TensorNotFound {
+            name: name.to_string(),
+        })?
+        .clone();
+    Ok(Factor {
+        values: adapter.tensors.read_f32(name)?,
+        shape: info.shape,
+        dtype: info.dtype,
+    })
+}
+
+/// Reproduce PEFT's `add_weighted_adapter(adapters, weights, combination_type, svd_rank,
+/// density, majority_sign_method)` on LoRA adapters (each with its `adapter_config.json`),
+/// writing the adapter PEFT would save. Returns its config.
+pub fn combine_peft(
+    inputs: &[(&Adapter, &Value)],
+    opts: &PeftCombineOptions,
+    out: &mut AdapterWriter,
+) -> Result<Value> {
+    if opts.weights.len() != inputs.len() || inputs.is_empty() {
+        return Err(Error::Options(format!(
+            "{} weight(s) for {} adapter(s)",
+            opts.weights.len(),
+            inputs.len()
+        )));
+    }
+    // Only plain LoRA modules: PEFT's LoraModel method.
+    let mut modules: Vec<Vec<(&str, &LowRank)>> = Vec::new();
+    for (adapter, cfg) in inputs {
+        if adapter.method != "LORA" {
+            return Err(Error::Options(format!(
+                "{}: --compat peft reproduces LoraModel.add_weighted_adapter, which takes LoRA adapters; this is {}",
+                adapter.path.display(),
+                adapter.method
+            )));
+        }
+        if cfg
+            .get("target_parameters")
+            .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+        {
+            return Err(Error::Options(format!(
+                "{}: add_weighted_adapter does not support targeting nn.Parameter (target_parameters)",
+                adapter.path.display()
+            )));
+        }
+        let mut ms = Vec::new();
+        for m in &adapter.modules {
+            match &m.payload {
+                Payload::LowRank(lr) if lr.magnitude.is_none() && lr.singular_values.is_none() => {
+                    ms.push((m.module.as_str(), lr))
+                }
+                Payload::LowRank(_) => {
+                    return Err(Error::Options(format!(
+                        "{}: module {} is DoRA; PEFT's add_weighted_adapter would give the result a fresh magnitude from the base weight, which --compat peft does not reproduce",
+                        adapter.path.display(),
+                        m.module
+                    )))
+                }
+                other => {
+                    return Err(Error::Options(format!(
+                        "{}: {} ({}) is not a LoRA module; --compat peft combines LoRA factors only (modules_to_save, lora_bias and trainable tokens are not carried by add_weighted_adapter)",
+                        adapter.path.display(),
+                        m.module,
+                        other.kind()
+                    )))
+                }
+            }
+        }
+        modules.push(ms);
+    }
+
+    let single = inputs.len() == 1;
+    let combination = if single {
+        PeftCombination::Factors(PeftKind::Linear)
+    } else {
+        opts.combination
+    };
+    let ranks: Vec<u64> = inputs.iter().map(|(_, c)| config_rank(c)).collect();
+    let new_rank = match combination {
+        PeftCombination::Factors(_) => {
+            if ranks.iter().any(|&r| r != ranks[0]) {
+                return Err(Error::Options(format!(
+                    "all adapters must have the same r for combination types linear, ties, dare_ties, dare_linear and magnitude_prune (PEFT's rule), got {ranks:?}; use cat or an svd type"
+                )));
+            }
+            ranks[0]
+        }
+        PeftCombination::Cat => ranks.iter().sum(),
+        PeftCombination::Svd(_) => opts
+            .svd_rank
+            .map_or_else(|| ranks.iter().copied().max().unwrap_or(0), |r| r as u64),
+    };
+    let needs_density = !matches!(
+        combination,
+        PeftCombination::Cat
+            | PeftCombination::Factors(PeftKind::Linear)
+            | PeftCombination::Svd(PeftKind::Linear)
+    );
+    let d = if needs_density {
+        let d = opts.density.ok_or_else(|| {
+            Error::Options(
+                "this combination type needs --density (PEFT fails with a TypeError without one)"
+                    .into(),
+            )
+        })?;
+        if d < 0.0 {
+            return Err(Error::Options(format!("Density should be >= 0, got {d}")));
+        }
+        d
+    } else {
+        1.0
+    };
+
+    // target_modules: the union of the lists, or the alternation of the regexes.
+    let tm: Vec<&Value> = inputs
+        .iter()
+        .map(|(_, c)| c.get("target_modules").unwrap_or(&Value::Null))
+        .collect();
+    let new_targets = if tm.iter().all(|v| v.is_string()) {
+        json!(tm
+            .iter()
+            .map(|v| format!("({})", v.as_str().unwrap_or_default()))
+            .collect::<Vec<_>>()
+            .join("|"))
+    } else if tm.iter().all(|v| v.is_array()) {
+        let mut all: Vec<String> = tm
+            .iter()
+            .flat_map(|v| v.as_array().into_iter().flatten())
+            .filter_map(|x| x.as_str().map(str::to_string))
+            .collect();
+        all.sort();
+        all.dedup();
+        json!(all)
+    } else {
+        return Err(Error::Options(
+            "all adapter configs should follow the same target modules type; combining adapters whose target_modules mix a list and a regex string is not supported (PEFT's rule)".into(),
+        ));
+    };
+
+    // Modules in order of first appearance.
+    let mut order: Vec<&str> = Vec::new();
+    for ms in &modules {
+        for (m, _) in ms {
+            if !order.contains(m) {
+                order.push(m);
+            }
+        }
+    }
+    let k = new_rank as usize;
+    for module in order {
+        let entries: Vec<(usize, &LowRank)> = modules
+            .iter()
+            .enumerate()
+            .filter_map(|(i, ms)| {
+                ms.iter()
+                    .find(|(m, _)| *m == module)
+                    .map(|(_, lr)| (i, *lr))
+            })
+            .collect();
+        let layer = entries[0].1.layer.clone();
+        let (an, bn) = match layer {
+            LayerKind::Embedding => (
+                format!("{}.lora_embedding_A", peft_key(module)),
+                format!("{}.lora_embedding_B", peft_key(module)),
+            ),
+            _ => (
+                format!("{}.lora_A.weight", peft_key(module)),
+                format!("{}.lora_B.weight", peft_key(module)),
+            ),
+        };
+        let facts: Vec<(Factor, Factor)> = entries
+            .iter()
+            .map(|(i, lr)| Ok((read(inputs[*i].0, &lr.a)?, read(inputs[*i].0, &lr.b)?)))
+            .collect::<Result<_>>()?;
+        let a_rest: Vec<u64> = facts[0].0.shape[1..].to_vec();
+        let b_trail: Vec<u64> = facts[0].1.shape[2..].to_vec();
+        let rows = facts[0].1.shape[0] as usize;
+        let a_width: usize = a_rest.iter().product::<u64>() as usize;
+        let dtype = facts[0].0.dtype;
+        for ((a, b), (i, _)) in facts.iter().zip(&entries) {
+            if a.shape[1..] != a_rest[..]
+                || b.shape[0] as usize != rows
+                || b.shape[2..] != b_trail[..]
+            {
+                return Err(Error::Options(format!(
+                    "module {module}: {} has A {:?} and B {:?}, the first adapter A {:?} and B {:?}",
+                    inputs[*i].0.path.display(),
+                    a.shape,
+                    b.shape,
+                    facts[0].0.shape,
+                    facts[0].1.shape
+                )));
+            }
+        }
+        let mut a_shape = vec![new_rank];
+        a_shape.extend(&a_rest);
+        let mut b_shape = vec![rows as u64, new_rank];
+        b_shape.extend(&b_trail);
+        match combination {
+            PeftCombination::Cat => {
+                let mut a_out = vec![0f32; k * a_width];
+                let mut b_out = vec![0f32; rows * k];
+                let mut at = 0;
+                for ((a, b), (i, lr)) in facts.iter().zip(&entries) {
+                    let ri = a.shape[0] as usize;
+                    let (w, s) = (opts.weights[*i] as f32, lr.scale as f32);
+                    for (o, x) in a_out[at * a_width..(at + ri) * a_width]
+                        .iter_mut()
+                        .zip(&a.values)
+                    {
+                        *o = *x * w * s;
+                    }
+                    for row in 0..rows {
+                        b_out[row * k + at..row * k + at + ri]
+                            .copy_from_slice(&b.values[row * ri..(row + 1) * ri]);
+                    }
+                    at += ri;
+                }
+                out.add_f32(&an, dtype, a_shape, &a_out)?;
+                out.add_f32(&bn, dtype, b_shape, &b_out)?;
+            }
+            PeftCombination::Factors(kind) => {
+                let mut wa = Vec::new();
+                let mut wb = Vec::new();
+                for (i, lr) in &entries {
+                    let ws = opts.weights[*i] * lr.scale;
+                    let sign = if ws >= 0.0 { 1.0 } else { -1.0 };
+                    wa.push(ws.abs().sqrt() * sign);
+                    wb.push(ws.abs().sqrt());
+                }
+                let ranks: Vec<u64> = facts.iter().map(|(a, _)| a.shape[0]).collect();
+                if ranks.iter().any(|&r| r != new_rank) {
+                    return Err(Error::Options(format!(
+                        "module {module}: the adapters' ranks here are {ranks:?} but the combined r is {new_rank}; PEFT's {} stacks the factors, which needs them equal (its file would be unloadable or it fails)",
+                        match kind { PeftKind::Linear => "linear", PeftKind::Ties => "ties", PeftKind::DareLinear => "dare_linear", PeftKind::DareTies => "dare_ties", PeftKind::MagnitudePrune => "magnitude_prune" }
+                    )));
+                }
+                let idx: Vec<usize> = entries.iter().map(|(i, _)| *i).collect();
+                let sa: Vec<Uniforms> = idx
+                    .iter()
+                    .map(|&i| Uniforms::new(opts.seed, i, &an))
+                    .collect();
+                let sb: Vec<Uniforms> = idx
+                    .iter()
+                    .map(|&i| Uniforms::new(opts.seed, i, &bn))
+                    .collect();
+                let a_out = methods::peft_mix(
+                    kind,
+                    facts.iter().map(|(a, _)| a.values.clone()).collect(),
+                    &wa,
+                    d,
+                    opts.majority,
+                    &|i, j| sa[i].at(j as u64),
+                );
+                let b_out = methods::peft_mix(
+                    kind,
+                    facts.iter().map(|(_, b)| b.values.clone()).collect(),
+                    &wb,
+                    d,
+                    opts.majority,
+                    &|i, j| sb[i].at(j as u64),
+                );
+                out.add_f32(&an, dtype, a_shape, &a_out)?;
+                out.add_f32(&bn, dtype, b_shape, &b_out)?;
+            }
+            PeftCombination::Svd(kind) => {
+                let cols = a_width;
+                if k > rows.min(cols) {
+                    return Err(Error::Options(format!(
+                        "module {module}: svd rank {k} exceeds min(out, in) = {}; PEFT writes factors it cannot load back in that case",
+                        rows.min(cols)
+                    )));
+                }
+                let mut deltas = Vec::new();
+                for ((a, b), (_, lr)) in facts.iter().zip(&entries) {
+                    let ri = a.shape[0] as usize;
+                    let mut dw = vec![0f32; rows * cols];
+                    for row in 0..rows {
+                        for t in 0..ri {
+                            let bv = b.values[row * ri + t] as f64;
+                            if bv != 0.0 {
+                                for (o, av) in dw[row * cols..(row + 1) * cols]
+                                    .iter_mut()
+                                    .zip(&a.values[t * cols..(t + 1) * cols])
+                                {
+                                    *o += (bv * *av as f64) as f32;
+                                }
+                            }
+                        }
+                    }
+                    let s = lr.scale as f32;
+                    dw.iter_mut().for_each(|x| *x *= s);
+                    deltas.push(dw);
+                }
+                let idx: Vec<usize> = entries.iter().map(|(i, _)| *i).collect();
+                let ws: Vec<f64> = idx.iter().map(|&i| opts.weights[i]).collect();
+                let streams: Vec<Uniforms> = idx
+                    .iter()
+                    .map(|&i| Uniforms::new(opts.seed, i, module))
+                    .collect();
+                let mixed = methods::peft_mix(kind, deltas, &ws, d, opts.majority, &|i, j| {
+                    streams[i].at(j as u64)
+                });
+                let f =
+                    svd::factor_dense(module, &mixed, rows, cols, None, &SvdOptions::default())?;
+                let sv = &f.svd;
+                let n = sv.s.len();
+                let mut b_out = vec![0f32; rows * k];
+                for row in 0..rows {
+                    for t in 0..k.min(n) {
+                        b_out[row * k + t] = (sv.u[row * n + t] * sv.s[t]) as f32;
+                    }
+                }
+                let mut a_out = vec![0f32; k * cols];
+                for t in 0..k.min(n) {
+                    for c in 0..cols {
+                        a_out[t * cols + c] = sv.vt[t * cols + c] as f32;
+                    }
+                }
+                out.add_f32(&an, dtype, a_shape, &a_out)?;
+                out.add_f32(&bn, dtype, b_shape, &b_out)?;
+            }
+        }
+    }
+    let mut cfg = inputs[0].1.clone();
+    if let Some(o) = cfg.as_object_mut() {
+        o.insert("r".into(), json!(new_rank));
+        o.insert("lora_alpha".into(), json!(new_rank));
+        o.insert("target_modules".into(), new_targets);
+        o.insert("alpha_pattern".into(), json!({}));
+        o.insert("rank_pattern".into(), json!({}));
+        o.insert("inference_mode".into(), json!(true));
+    }
+    Ok(cfg)
+}
