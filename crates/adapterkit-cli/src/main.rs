@@ -5,6 +5,7 @@ mod combine;
 mod diff;
 mod inspect;
 mod lowrank;
+mod mix;
 mod plot;
 
 use std::io::IsTerminal;
@@ -77,9 +78,9 @@ struct DiffArgs {
 struct MergeArgs {
     /// Base checkpoint (for `unmerge`: the merged checkpoint): a Hugging Face model directory or
     /// a .safetensors file.
-    base: PathBuf,
-    /// PEFT adapter directories (adapter_config.json + adapter_model.safetensors).
-    #[arg(required = true)]
+    base: Option<PathBuf>,
+    /// PEFT adapter directories (adapter_config.json + adapter_model.safetensors); with
+    /// --method, the models to merge (checkpoints, adapters, or MODEL+ADAPTER).
     adapters: Vec<PathBuf>,
     /// Output: a directory laid out like the base, or a single file ending in .safetensors.
     #[arg(short, long)]
@@ -114,6 +115,8 @@ struct MergeArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    methods: mix::MethodArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -174,12 +177,59 @@ fn parse_size(s: &str) -> Result<u64> {
     Ok(v as u64)
 }
 
-fn run_merge(a: MergeArgs, direction: Direction) -> Result<()> {
+fn run_merge(mut a: MergeArgs, direction: Direction) -> Result<()> {
     let out_dtype = parse_dtype(&a.dtype)?;
     let sharding = match &a.shard_size {
         Some(s) => Sharding::MaxBytes(parse_size(s)?),
         None => Sharding::Preserve,
     };
+    let output = Output {
+        path: a.output.clone(),
+        sharding,
+        in_place: a.in_place,
+        overwrite: a.force || a.in_place,
+    };
+    let opts = ExecOptions {
+        threads: a.threads,
+        allow_nonfinite: a.allow_nonfinite,
+        fsync: a.fsync,
+        progress: None,
+        block_elems: a
+            .block_elems
+            .unwrap_or(ExecOptions::default().block_elems)
+            .max(1),
+    };
+    if a.methods.any() {
+        if direction == Direction::Unmerge {
+            bail!("unmerge takes adapters out again; --method and --recipe belong to merge");
+        }
+        let methods = std::mem::take(&mut a.methods);
+        return mix::run(
+            methods,
+            mix::Common {
+                base: a.base,
+                sources: a.adapters,
+                weights: a.weights,
+                out_dtype,
+                output,
+                exec: opts,
+                json: a.json,
+            },
+        );
+    }
+    let Some(base_path) = a.base.clone() else {
+        bail!("give BASE and at least one adapter (or --recipe)");
+    };
+    if a.adapters.is_empty() {
+        bail!(
+            "give at least one adapter to {}",
+            if direction == Direction::Merge {
+                "merge"
+            } else {
+                "unmerge"
+            }
+        );
+    }
     let weights = match a.weights {
         Some(w) if w.len() != a.adapters.len() => {
             bail!(
@@ -191,8 +241,8 @@ fn run_merge(a: MergeArgs, direction: Direction) -> Result<()> {
         Some(w) => w,
         None => vec![1.0; a.adapters.len()],
     };
-    let base =
-        Checkpoint::open(&a.base).with_context(|| format!("opening base {}", a.base.display()))?;
+    let base = Checkpoint::open(&base_path)
+        .with_context(|| format!("opening base {}", base_path.display()))?;
     if let Some(p) = a.adapters.iter().find(|p| lowrank::same(&a.output, p)) {
         bail!(
             "{}: the output cannot be an input (adapter {})",
@@ -229,22 +279,6 @@ fn run_merge(a: MergeArgs, direction: Direction) -> Result<()> {
             errors.join("\n")
         );
     }
-    let output = Output {
-        path: a.output.clone(),
-        sharding,
-        in_place: a.in_place,
-        overwrite: a.force || a.in_place,
-    };
-    let opts = ExecOptions {
-        threads: a.threads,
-        allow_nonfinite: a.allow_nonfinite,
-        fsync: a.fsync,
-        progress: None,
-        block_elems: a
-            .block_elems
-            .unwrap_or(ExecOptions::default().block_elems)
-            .max(1),
-    };
     let started = std::time::Instant::now();
     let plan = adapterkit_ops::plan_direction(
         base.root(),
@@ -295,7 +329,11 @@ fn run_merge(a: MergeArgs, direction: Direction) -> Result<()> {
 
 /// Run `work` with a progress line on stderr (when it is a terminal and `show` is set), fed by the
 /// byte counter handed to `work`.
-fn with_progress<T>(show: bool, total: u64, work: impl FnOnce(Option<Arc<AtomicU64>>) -> T) -> T {
+pub(crate) fn with_progress<T>(
+    show: bool,
+    total: u64,
+    work: impl FnOnce(Option<Arc<AtomicU64>>) -> T,
+) -> T {
     if !show || !std::io::stderr().is_terminal() {
         return work(None);
     }

@@ -143,6 +143,14 @@ pub enum Error {
         /// Each problem, naming the tensor and expected vs found.
         problems: Vec<String>,
     },
+    /// A merge recipe that cannot be run as written.
+    #[error("recipe {path}: {message}")]
+    Recipe {
+        /// The recipe file.
+        path: PathBuf,
+        /// What is wrong, naming the key.
+        message: String,
+    },
     /// A tensor could not be converted.
     #[error(transparent)]
     Core(#[from] adapterkit_core::Error),

@@ -18,6 +18,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod peft;
 pub mod peft_families;
+pub mod recipe;
 pub mod safetensors;
 
 pub use adapter_writer::AdapterWriter;
