@@ -237,6 +237,7 @@ pub struct Common {
 /// Run `merge --method …` or `merge --recipe …`.
 pub fn run(m: MethodArgs, c: Common) -> Result<()> {
     let started = std::time::Instant::now();
+    let mut work = None;
     let (base, inputs, method, params, out_dtype): (
         ModelInput,
         Vec<ModelInput>,
@@ -318,6 +319,12 @@ pub fn run(m: MethodArgs, c: Common) -> Result<()> {
             (Some(d), _) | (None, Some(d)) => Some(recipe_dtype(d)?),
             _ => None,
         };
+        work = r
+            .dtype
+            .as_deref()
+            .map(recipe_dtype)
+            .transpose()?
+            .filter(|d| *d != DType::F32);
         let params = RecipeParams {
             models,
             global: r.parameters.clone(),
@@ -383,6 +390,7 @@ pub fn run(m: MethodArgs, c: Common) -> Result<()> {
         params: params.as_ref(),
         seed: m.seed,
         out_dtype,
+        work,
     };
     let total: u64 = base
         .checkpoint

@@ -94,13 +94,15 @@ pub struct ModelRef {
     pub text: String,
 }
 
-/// One `models` entry.
+/// One `models` entry (or one source of a single whole-model slice).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecipeModel {
     /// The model.
     pub model: ModelRef,
     /// Its own parameters.
     pub parameters: BTreeMap<String, Setting>,
+    /// `layer_range` when the entry came from `slices`: the merge checks it covers every layer.
+    pub layer_range: Option<(u64, u64)>,
 }
 
 /// A parsed recipe.
@@ -243,6 +245,80 @@ fn model_ref(path: &Path, key: &str, y: &Yaml) -> Result<ModelRef> {
     })
 }
 
+/// The one form of `slices` that is a whole-model merge: a single slice whose sources each
+/// give `model` and `layer_range` (and optional `parameters`). Ranges are checked against the
+/// model once it is open ([`RecipeModel::layer_range`]).
+fn whole_slice(path: &Path, v: &Yaml) -> Result<Vec<RecipeModel>> {
+    let unsupported = |why: &str| {
+        err(
+            path,
+            format!("`slices`: {why}; only one slice covering every layer of every source is supported (layer stacking / frankenmerges are not yet)"),
+        )
+    };
+    let Yaml::Array(slices) = v else {
+        return Err(unsupported("expected a list"));
+    };
+    if slices.len() != 1 {
+        return Err(unsupported(&format!("{} slices", slices.len())));
+    }
+    let Yaml::Hash(slice) = &slices[0] else {
+        return Err(unsupported("a slice is not a mapping"));
+    };
+    let mut out = Vec::new();
+    for (k, sv) in slice {
+        match k.as_str() {
+            Some("sources") => {
+                let Yaml::Array(sources) = sv else {
+                    return Err(unsupported("sources is not a list"));
+                };
+                for (i, src) in sources.iter().enumerate() {
+                    let Yaml::Hash(h) = src else {
+                        return Err(unsupported("a source is not a mapping"));
+                    };
+                    let (mut model, mut params, mut range) = (None, BTreeMap::new(), None);
+                    for (sk, x) in h {
+                        match sk.as_str() {
+                            Some("model") => {
+                                model = Some(model_ref(
+                                    path,
+                                    &format!("slices[0].sources[{i}].model"),
+                                    x,
+                                )?)
+                            }
+                            Some("parameters") => params = parameters(path, x)?,
+                            Some("layer_range") => {
+                                let r: Vec<u64> = x
+                                    .as_vec()
+                                    .map(|v| {
+                                        v.iter()
+                                            .filter_map(|y| y.as_i64())
+                                            .map(|y| y.max(0) as u64)
+                                            .collect()
+                                    })
+                                    .unwrap_or_default();
+                                if r.len() != 2 {
+                                    return Err(unsupported("layer_range is not [start, end]"));
+                                }
+                                range = Some((r[0], r[1]));
+                            }
+                            other => return Err(unsupported(&format!("source key {other:?}"))),
+                        }
+                    }
+                    out.push(RecipeModel {
+                        model: model.ok_or_else(|| unsupported("a source without `model`"))?,
+                        parameters: params,
+                        layer_range: Some(
+                            range.ok_or_else(|| unsupported("a source without `layer_range`"))?,
+                        ),
+                    });
+                }
+            }
+            other => return Err(unsupported(&format!("slice key {other:?}"))),
+        }
+    }
+    Ok(out)
+}
+
 impl Recipe {
     /// Read and parse `path`.
     pub fn open(path: &Path) -> Result<Self> {
@@ -306,12 +382,14 @@ impl Recipe {
                         r.models.push(RecipeModel {
                             model: model.ok_or_else(|| err(path, format!("models[{i}]: no `model`")))?,
                             parameters: params,
+                            layer_range: None,
                         });
                     }
                 }
                 "name" | "chat_template" if v.is_null() => {}
-                "slices" | "modules" => {
-                    return Err(err(path, format!("`{k}` (layer slicing / per-module recipes) is not supported yet; use `models` with `base_model`")))
+                "slices" => r.models = whole_slice(path, v)?,
+                "modules" => {
+                    return Err(err(path, "`modules` (per-module recipes) is not supported yet; use `models` with `base_model`"))
                 }
                 "tokenizer_source" | "tokenizer" => {
                     return Err(err(path, format!("`{k}` (tokenizer surgery) is not supported yet; the output keeps the base's tokenizer files")))

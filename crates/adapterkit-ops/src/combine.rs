@@ -217,6 +217,7 @@ fn mix(
             .collect(),
         seed: opts.seed,
         tensor: what.to_string(),
+        work: None,
     };
     // Streams are per input position; keep them per adapter by offsetting the seed.
     let src = DenseRows {

@@ -15,10 +15,12 @@
 //! (SplitMix64 of seed, stream and element index), so a mask is the same however the tensor is
 //! chunked, threaded or re-read.
 
+use adapterkit_core::DType;
+
 use crate::error::{Error, Result};
 
 /// Rows of f32 elements per chunk target.
-const CHUNK_ELEMS: usize = 1 << 18;
+const CHUNK_ELEMS: usize = 1 << 15;
 
 /// How the majority sign is decided (PEFT's `majority_sign_method`, mergekit's `consensus`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -114,6 +116,8 @@ impl Cut {
 /// Two-pass radix selection of several cuts over one stream of values.
 struct Radix {
     targets: Vec<u64>,
+    /// Whether |x| sums are kept (for L1 rescaling).
+    sums: bool,
     hi: Vec<u64>,
     hi_sum: Vec<f64>,
     /// Per target: the high bucket, count strictly above it and their |x| sum.
@@ -123,11 +127,12 @@ struct Radix {
 }
 
 impl Radix {
-    fn new(targets: Vec<u64>) -> Self {
+    fn new(targets: Vec<u64>, sums: bool) -> Self {
         Radix {
             targets,
+            sums,
             hi: vec![0; 1 << 16],
-            hi_sum: vec![0.0; 1 << 16],
+            hi_sum: if sums { vec![0.0; 1 << 16] } else { Vec::new() },
             bucket: Vec::new(),
             lo: Vec::new(),
             lo_sum: Vec::new(),
@@ -135,10 +140,16 @@ impl Radix {
     }
 
     fn pass1(&mut self, xs: &[f32]) {
-        for &x in xs {
-            let k = key(x);
-            self.hi[(k >> 16) as usize] += 1;
-            self.hi_sum[(k >> 16) as usize] += x.abs() as f64;
+        if self.sums {
+            for &x in xs {
+                let k = key(x);
+                self.hi[(k >> 16) as usize] += 1;
+                self.hi_sum[(k >> 16) as usize] += x.abs() as f64;
+            }
+        } else {
+            for &x in xs {
+                self.hi[(key(x) >> 16) as usize] += 1;
+            }
         }
     }
 
@@ -153,13 +164,14 @@ impl Radix {
                         return (h as u32, above, sum);
                     }
                     above += self.hi[h];
-                    sum += self.hi_sum[h];
+                    sum += self.hi_sum.get(h).copied().unwrap_or(0.0);
                 }
                 (0, above, sum)
             })
             .collect();
         self.lo = vec![vec![0; 1 << 16]; self.targets.len()];
-        self.lo_sum = vec![vec![0.0; 1 << 16]; self.targets.len()];
+        let n = if self.sums { 1 << 16 } else { 0 };
+        self.lo_sum = vec![vec![0.0; n]; self.targets.len()];
     }
 
     fn pass2(&mut self, xs: &[f32]) {
@@ -168,7 +180,9 @@ impl Radix {
             for (t, &(h, _, _)) in self.bucket.iter().enumerate() {
                 if k >> 16 == h {
                     self.lo[t][(k & 0xffff) as usize] += 1;
-                    self.lo_sum[t][(k & 0xffff) as usize] += x.abs() as f64;
+                    if self.sums {
+                        self.lo_sum[t][(k & 0xffff) as usize] += x.abs() as f64;
+                    }
                 }
             }
         }
@@ -200,7 +214,7 @@ impl Radix {
                         );
                     }
                     above += c;
-                    sum += self.lo_sum[t][l];
+                    sum += self.lo_sum[t].get(l).copied().unwrap_or(0.0);
                 }
                 // Fewer elements than j: everything is in.
                 (
@@ -261,6 +275,28 @@ pub struct TaskSpec {
     pub seed: u64,
     /// Tensor name (random streams, messages).
     pub tensor: String,
+    /// mergekit's working `dtype` when it is narrower than f32: inputs, task vectors, weights
+    /// and every intermediate are rounded to it as mergekit's arithmetic in that dtype does.
+    pub work: Option<DType>,
+}
+
+/// Round `xs` to `dt` (bf16 or f16) and back, as storing them in that dtype would.
+pub fn round_to(dt: Option<DType>, xs: &mut [f32]) {
+    match dt {
+        Some(DType::BF16) => xs
+            .iter_mut()
+            .for_each(|x| *x = half::bf16::from_f32(*x).to_f32()),
+        Some(DType::F16) => xs
+            .iter_mut()
+            .for_each(|x| *x = half::f16::from_f32(*x).to_f32()),
+        _ => {}
+    }
+}
+
+fn round1(dt: Option<DType>, x: f64) -> f32 {
+    let mut v = [x as f32];
+    round_to(dt, &mut v);
+    v[0]
 }
 
 /// How one input's task vector is masked, fixed before the output pass.
@@ -322,6 +358,7 @@ impl Buffers {
         row0: usize,
         n: usize,
         cols: usize,
+        work: Option<DType>,
     ) -> Result<()> {
         let len = n * cols;
         src.base(row0, n, &mut self.base[..len])?;
@@ -334,6 +371,7 @@ impl Buffers {
             for (x, b) in d.iter_mut().zip(&self.base[..len]) {
                 *x -= b;
             }
+            round_to(work, d);
         }
         Ok(())
     }
@@ -404,7 +442,7 @@ pub fn task_arithmetic(
                     Mask::Nothing
                 } else {
                     let k = ((p.density * total as f64) as u64).max(1);
-                    radix.push(Some(Radix::new(vec![k])));
+                    radix.push(Some(Radix::new(vec![k], spec.rescale)));
                     masks.push(Mask::Cuts {
                         lower: Cut::NONE,
                         upper: Cut::NONE,
@@ -420,7 +458,7 @@ pub fn task_arithmetic(
                 // minus the (total − n_bot − target) largest.
                 let keep_top = total - n_bot;
                 let drop_top = keep_top.saturating_sub(target);
-                radix.push(Some(Radix::new(vec![keep_top, drop_top])));
+                radix.push(Some(Radix::new(vec![keep_top, drop_top], spec.rescale)));
                 masks.push(Mask::Nothing);
                 continue;
             }
@@ -462,7 +500,7 @@ pub fn task_arithmetic(
         let mut order = Vec::new();
         let mut keep = Vec::new();
         for (r0, n) in chunks.iter() {
-            buf.load(src, None, r0, n, cols)?;
+            buf.load(src, None, r0, n, cols, spec.work)?;
             let len = n * cols;
             for i in 0..inputs {
                 let d = &buf.deltas[i][..len];
@@ -503,7 +541,7 @@ pub fn task_arithmetic(
                 r.end_pass1();
             }
             for (r0, n) in chunks.iter() {
-                buf.load(src, None, r0, n, cols)?;
+                buf.load(src, None, r0, n, cols, spec.work)?;
                 for (r, d) in radix.iter_mut().zip(&buf.deltas) {
                     if let Some(r) = r.as_mut() {
                         r.pass2(&d[..n * cols]);
@@ -541,49 +579,85 @@ pub fn task_arithmetic(
         })
         .collect();
 
-    // Output pass.
+    // Output pass, in f32 like mergekit's CPU path: mask, rescale and weight each task vector in
+    // place, elect signs on the weighted values, mix, normalise, scale, add the base.
     let weights: Vec<f64> = spec.params.iter().map(|p| p.weight).collect();
     let mut seen_lower = vec![0u64; inputs];
     let mut seen_upper = vec![0u64; inputs];
     let mut out = vec![0f32; cap];
+    let mut votes = vec![0f32; cap];
+    let mut divisor = vec![0f32; cap];
     let mut order = Vec::new();
     let mut keep = Vec::new();
-    let mut keeps: Vec<Vec<bool>> = vec![Vec::new(); inputs];
+    let mut keeps: Vec<bool> = Vec::new();
+    let flat_divisor = {
+        let d: f64 = weights.iter().sum();
+        if d.abs() < 1e-8 {
+            1.0
+        } else {
+            d
+        }
+    };
+    let lambda = spec.lambda as f32;
     for (r0, n) in chunks.iter() {
-        buf.load(src, None, r0, n, cols)?;
+        buf.load(src, None, r0, n, cols, spec.work)?;
         let len = n * cols;
         let first = (r0 * cols) as u64;
-        // Masked, rescaled, weighted task vectors, in place.
         for i in 0..inputs {
             let d = &mut buf.deltas[i][..len];
-            let f = weights[i] * scale[i];
+            let f = if scale[i] == 1.0 {
+                round1(spec.work, weights[i])
+            } else {
+                (weights[i] * scale[i]) as f32
+            };
             match &masks[i] {
-                Mask::All => d.iter_mut().for_each(|x| *x = (*x as f64 * f) as f32),
+                Mask::All => d.iter_mut().for_each(|x| *x *= f),
                 Mask::Nothing => d.iter_mut().for_each(|x| *x = 0.0),
+                Mask::Cuts { lower, upper } if upper.empty && !lower.empty => {
+                    // Top-k. Only elements equal to the cut need counting, and only the chunk
+                    // where the count runs out needs it element by element.
+                    let (lk, take, sl) = (lower.key, lower.take_eq, &mut seen_lower[i]);
+                    let eq = d.iter().map(|x| u64::from(key(*x) == lk)).sum::<u64>();
+                    if *sl >= take || *sl + eq <= take {
+                        let with_eq = *sl + eq <= take;
+                        for x in d.iter_mut() {
+                            let k = key(*x);
+                            let kept = (k > lk) | (with_eq & (k == lk));
+                            *x *= f * f32::from(u8::from(kept));
+                        }
+                        *sl += eq;
+                    } else {
+                        for x in d.iter_mut() {
+                            let k = key(*x);
+                            let kept = if k != lk {
+                                k > lk
+                            } else {
+                                *sl += 1;
+                                *sl <= take
+                            };
+                            *x = if kept { *x * f } else { 0.0 };
+                        }
+                    }
+                }
                 Mask::Cuts { lower, upper } => {
+                    let (sl, su) = (&mut seen_lower[i], &mut seen_upper[i]);
                     for x in d.iter_mut() {
                         let k = key(*x);
-                        let inl = lower.contains(k, &mut seen_lower[i]);
-                        let inu = upper.contains(k, &mut seen_upper[i]);
-                        *x = if inl && !inu {
-                            (*x as f64 * f) as f32
-                        } else {
-                            0.0
-                        };
+                        let kept = lower.contains(k, sl) && !upper.contains(k, su);
+                        *x = if kept { *x * f } else { 0.0 };
                     }
                 }
                 Mask::Random { p, u } => {
                     for (j, x) in d.iter_mut().enumerate() {
                         *x = if u.at(first + j as u64) < *p {
-                            (*x as f64 * f) as f32
+                            *x * f
                         } else {
                             0.0
                         };
                     }
                 }
                 Mask::Della { lo, span, u } => {
-                    let k = &mut keeps[i];
-                    k.clear();
+                    keeps.clear();
                     for (rr, row) in d.chunks(cols.max(1)).enumerate() {
                         della_row(
                             row,
@@ -594,55 +668,73 @@ pub fn task_arithmetic(
                             &mut order,
                             &mut keep,
                         );
-                        k.extend_from_slice(&keep);
+                        keeps.extend_from_slice(&keep);
                     }
-                    for (x, kk) in d.iter_mut().zip(k.iter()) {
-                        *x = if *kk { (*x as f64 * f) as f32 } else { 0.0 };
+                    for (x, kk) in d.iter_mut().zip(&keeps) {
+                        *x = if *kk { *x * f } else { 0.0 };
                     }
                 }
             }
         }
+        if spec.work.is_some() {
+            for d in buf.deltas.iter_mut() {
+                round_to(spec.work, &mut d[..len]);
+            }
+        }
         let o = &mut out[..len];
-        for (j, slot) in o.iter_mut().enumerate() {
-            let (mut mixed, mut divisor) = (0f64, 0f64);
-            match spec.consensus {
-                Some(rule) => {
-                    let mut s = 0f64;
-                    for i in 0..inputs {
-                        let v = buf.deltas[i][j] as f64;
-                        s += match rule {
-                            Majority::Total => v,
-                            Majority::Frequency => sign(v),
-                        };
-                    }
-                    let majority = if s >= 0.0 { 1.0 } else { -1.0 };
-                    for (d, w) in buf.deltas.iter().zip(&weights) {
-                        let v = d[j] as f64;
-                        if sign(v) == majority {
-                            mixed += v;
-                            divisor += w;
-                        }
-                    }
-                    if divisor == 0.0 {
-                        divisor = 1.0;
+        o.iter_mut().for_each(|x| *x = 0.0);
+        match spec.consensus {
+            Some(rule) => {
+                let v = &mut votes[..len];
+                v.iter_mut().for_each(|x| *x = 0.0);
+                for d in &buf.deltas {
+                    match rule {
+                        Majority::Total => v.iter_mut().zip(&d[..len]).for_each(|(s, x)| *s += x),
+                        Majority::Frequency => v.iter_mut().zip(&d[..len]).for_each(|(s, x)| {
+                            *s += (*x > 0.0) as u8 as f32 - (*x < 0.0) as u8 as f32
+                        }),
                     }
                 }
-                None => {
-                    for i in 0..inputs {
-                        mixed += buf.deltas[i][j] as f64;
+                let dv = &mut divisor[..len];
+                dv.iter_mut().for_each(|x| *x = 0.0);
+                for (d, &w) in buf.deltas.iter().zip(&weights) {
+                    let w = w as f32;
+                    let (o, dv, x, v) = (&mut o[..len], &mut dv[..len], &d[..len], &v[..len]);
+                    for j in 0..len {
+                        // Zeros never agree. Branch-free (`&`, `|`, × 0/1) so it vectorises.
+                        let (xj, sj) = (x[j], v[j]);
+                        let agree = ((xj > 0.0) & (sj >= 0.0)) | ((xj < 0.0) & (sj < 0.0));
+                        let a = f32::from(u8::from(agree));
+                        o[j] += xj * a;
+                        dv[j] += w * a;
                     }
-                    for wi in &weights {
-                        divisor += wi;
-                    }
-                    if divisor.abs() < 1e-8 {
-                        divisor = 1.0;
+                }
+                round_to(spec.work, o);
+                round_to(spec.work, dv);
+                if spec.normalize {
+                    for (m, dsum) in o.iter_mut().zip(dv.iter()) {
+                        *m /= if *dsum == 0.0 { 1.0 } else { *dsum };
                     }
                 }
             }
-            if spec.normalize {
-                mixed /= divisor;
+            None => {
+                for d in &buf.deltas {
+                    o.iter_mut().zip(&d[..len]).for_each(|(m, x)| *m += x);
+                }
+                round_to(spec.work, o);
+                if spec.normalize {
+                    let dv = round1(spec.work, flat_divisor);
+                    o.iter_mut().for_each(|m| *m /= dv);
+                }
             }
-            *slot = (buf.base[j] as f64 + mixed * spec.lambda) as f32;
+        }
+        round_to(spec.work, o);
+        if lambda != 1.0 {
+            o.iter_mut().for_each(|m| *m *= lambda);
+            round_to(spec.work, o);
+        }
+        for (m, b) in o.iter_mut().zip(&buf.base[..len]) {
+            *m += b;
         }
         emit(r0, o)?;
     }
@@ -660,7 +752,8 @@ fn sign(v: f64) -> f64 {
     }
 }
 
-/// mergekit's `linear`: `Σ wᵢ·xᵢ` (the inputs, not the base), divided by `Σ wᵢ` when `normalize`.
+/// mergekit's `linear`: `Σ wᵢ·xᵢ` over the inputs (not the base), accumulated in f32 with fused
+/// multiply-adds as torch's `addcmul_` does, divided by `Σ wᵢ` when `normalize`.
 pub fn linear(
     src: &dyn Rows,
     weights: &[f64],
@@ -671,26 +764,22 @@ pub fn linear(
     let chunks = Chunks::new(rows, cols);
     let cap = chunks.step * cols;
     let mut x = vec![0f32; cap];
-    let mut acc = vec![0f64; cap];
-    let mut out = vec![0f32; cap];
-    let total: f64 = weights.iter().sum();
+    let mut acc = vec![0f32; cap];
+    let total: f32 = weights.iter().map(|&w| w as f32).sum();
     for (r0, n) in chunks.iter() {
         let len = n * cols;
         acc[..len].iter_mut().for_each(|a| *a = 0.0);
         for (i, &w) in weights.iter().enumerate() {
             src.input(i, r0, n, &mut x[..len])?;
+            let w = w as f32;
             for (a, v) in acc[..len].iter_mut().zip(&x[..len]) {
-                *a += w * *v as f64;
+                *a = v.mul_add(w, *a);
             }
         }
-        for (o, a) in out[..len].iter_mut().zip(&acc[..len]) {
-            *o = if normalize {
-                (a / total) as f32
-            } else {
-                *a as f32
-            };
+        if normalize {
+            acc[..len].iter_mut().for_each(|a| *a /= total);
         }
-        emit(r0, &out[..len])?;
+        emit(r0, &acc[..len])?;
     }
     Ok(())
 }
@@ -766,7 +855,7 @@ pub fn model_stock(
     let mut norms = vec![vec![0f64; inputs]; groups];
     let mut dots = vec![vec![0f64; pairs.len()]; groups];
     for (r0, n) in chunks.iter() {
-        buf.load(src, None, r0, n, cols)?;
+        buf.load(src, None, r0, n, cols, None)?;
         for rr in 0..n {
             let g = if filter_wise { r0 + rr } else { 0 };
             let s = rr * cols..(rr + 1) * cols;
@@ -854,7 +943,7 @@ pub fn peft_magnitude_prune(t: &mut [f32], density: f64) {
         t.iter_mut().for_each(|x| *x = 0.0);
         return;
     }
-    let mut r = Radix::new(vec![k as u64]);
+    let mut r = Radix::new(vec![k as u64], false);
     r.pass1(t);
     r.end_pass1();
     r.pass2(t);
@@ -989,6 +1078,7 @@ mod tests {
             }],
             seed: 7,
             tensor: "t".into(),
+            work: None,
         }
     }
 

@@ -194,10 +194,14 @@ pub struct ModelMergeOptions<'a> {
     pub seed: u64,
     /// Output dtype of floating-point tensors (`None`: the base's).
     pub out_dtype: Option<DType>,
+    /// mergekit's `dtype`: inputs are cast to it when read and the arithmetic is rounded to it
+    /// (`None`: f32 arithmetic on the stored values).
+    pub work: Option<DType>,
 }
 
 /// One tensor's reader for one model: rows decoded to f32 with the model's adapters applied.
 struct Reader<'a> {
+    work: Option<DType>,
     src: &'a dyn TensorSource,
     info: &'a TensorInfo,
     ops: Option<Vec<Prepared>>,
@@ -206,9 +210,15 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    fn new(m: &'a ModelInput, name: &str, index: Option<&HashMap<&str, usize>>) -> Result<Self> {
+    fn new(
+        m: &'a ModelInput,
+        name: &str,
+        index: Option<&HashMap<&str, usize>>,
+        work: Option<DType>,
+    ) -> Result<Self> {
         let info = m.info(name).expect("validated");
         let mut r = Reader {
+            work,
             src: &m.checkpoint,
             info,
             ops: None,
@@ -236,6 +246,7 @@ impl<'a> Reader<'a> {
     fn read(&self, row0: usize, n: usize, cols: usize, out: &mut [f32]) -> Result<()> {
         if let Some(w) = &self.whole {
             out.copy_from_slice(&w[row0 * cols..(row0 + n) * cols]);
+            methods::round_to(self.work, out);
             return Ok(());
         }
         let dt = self.info.dtype;
@@ -248,6 +259,7 @@ impl<'a> Reader<'a> {
         if let Some(ops) = &self.ops {
             apply_ops(out, row0, cols, ops, &mut Vec::new());
         }
+        methods::round_to(self.work, out);
         Ok(())
     }
 }
@@ -385,6 +397,14 @@ pub fn merge_models(
             name: t.name.clone(),
             dtype: match opts.out_dtype {
                 Some(d) if t.dtype.is_float() => d,
+                // Mixed input dtypes promote to f32, as torch's arithmetic does.
+                None if t.dtype.is_float()
+                    && inputs
+                        .iter()
+                        .any(|m| m.info(&t.name).is_some_and(|i| i.dtype != t.dtype)) =>
+                {
+                    DType::F32
+                }
                 _ => t.dtype,
             },
             shape: t.shape.clone(),
@@ -431,17 +451,27 @@ pub fn merge_models(
             (rows as usize, cols as usize)
         };
         let src = TensorRows {
-            base: Reader::new(base, &info.name, None)?,
+            base: Reader::new(base, &info.name, None, opts.work)?,
             inputs: inputs
                 .iter()
                 .zip(&indexes)
-                .map(|(m, ix)| Reader::new(m, &info.name, ix.as_ref()))
+                .map(|(m, ix)| Reader::new(m, &info.name, ix.as_ref(), opts.work))
                 .collect::<Result<_>>()?,
             rows,
             cols,
         };
         let mut bytes = Vec::new();
+        let mut rounded = Vec::new();
         let mut emit = |row0: usize, vals: &[f32]| -> Result<()> {
+            let vals = if opts.work.is_some() {
+                // mergekit's result is a tensor of its working dtype before out_dtype.
+                rounded.clear();
+                rounded.extend_from_slice(vals);
+                methods::round_to(opts.work, &mut rounded);
+                &rounded[..]
+            } else {
+                vals
+            };
             if !exec.allow_nonfinite {
                 if let Some((count, first)) = non_finite(vals) {
                     return Err(Error::NonFinite {
@@ -551,6 +581,7 @@ fn job(
                 params,
                 seed: opts.seed,
                 tensor: name.to_string(),
+                work: opts.work,
             })
         }
     }))
