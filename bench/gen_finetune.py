@@ -4,6 +4,7 @@
 Usage:
     python3 bench/gen_finetune.py [BASE_DIR] [OUT_DIR] [--rank R] [--seed S]
                                   [--delta-min F] [--delta-max F] [--noise F] [--norm-std F]
+                                  [--untouched F]
 
 Defaults: BASE_DIR /tmp/adapterkit-bench/base (written by gen_tinyllama.py), OUT_DIR
 /tmp/adapterkit-bench/finetuned, rank 48, seed 0.
@@ -27,6 +28,13 @@ What changes, tensor by tensor (W is the base tensor, decoded from BF16 to float
   norm-std * N(0, 1)) (default std 0.02, about 2.5 BF16 ulps at 1.0).
 - everything else (model.embed_tokens, lm_head, and any tensor not matched above): copied bit for
   bit.
+- with --untouched F > 0, each projection is instead copied bit for bit with probability F (as
+  if that module had been frozen during fine-tuning). The draw comes from a separate stream,
+  seeded by (seed, crc32 of the name, 1), so the perturbed projections are the same as with
+  --untouched 0, and different seeds leave different projections untouched. The default 0
+  draws nothing and gives the same output as before the option existed.
+  bench/merge_vs_mergekit.sh writes its three TIES inputs with --seed 1/2/3 --noise 0.005
+  --untouched 0.1.
 
 bf16_rne is round-to-nearest-even from float32. Each tensor has its own random stream, seeded by
 (seed, crc32 of its name), so the output is the same for the same arguments and base; the only
@@ -83,6 +91,11 @@ def tensor_rng(seed, name):
     return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
 
 
+def untouched_rng(seed, name):
+    """The stream that decides --untouched; separate from tensor_rng so the perturbations don't move."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8")), 1])
+
+
 def perturb_projection(w, rng, rank, delta_min, delta_max, noise):
     """W (out, in) float32 -> (W + dW + N as float32, stats)."""
     out_f, in_f = w.shape
@@ -128,6 +141,9 @@ def process_shard(src, dst, args, stats):
             fin.seek(data_start + start)
             shape = tuple(info["shape"])
             is_proj = PROJ_RE.match(name) and len(shape) == 2
+            if is_proj and args.untouched > 0 and untouched_rng(args.seed, name).random() < args.untouched:
+                is_proj = False
+                stats["untouched"] += 1
             is_norm = NORM_RE.match(name) and len(shape) == 1
             if (is_proj or is_norm) and info["dtype"] != "BF16":
                 raise ValueError(f"{name} is {info['dtype']}; only BF16 checkpoints are supported")
@@ -151,7 +167,8 @@ def process_shard(src, dst, args, stats):
                 fout.write(memoryview(out).cast("B"))
             else:
                 copy_bytes(fin, fout, nbytes)
-                stats["copied"] += 1
+                if not (PROJ_RE.match(name) and len(shape) == 2):
+                    stats["copied"] += 1
             pos = end
     os.replace(tmp, dst)
     return len(entries)
@@ -173,11 +190,16 @@ def main(argv=None):
                     help="||N||/||W|| of the dense noise added to each projection (default 0.001)")
     ap.add_argument("--norm-std", type=float, default=0.02,
                     help="std of the additive perturbation of RMSNorm weights (default 0.02)")
+    ap.add_argument("--untouched", type=float, default=0.0,
+                    help="probability that a projection is left bit-identical to the base "
+                         "(default 0: every projection is perturbed)")
     args = ap.parse_args(argv)
     if args.rank < 1:
         ap.error("--rank must be >= 1")
     if not 0 <= args.delta_min <= args.delta_max:
         ap.error("need 0 <= --delta-min <= --delta-max")
+    if not 0 <= args.untouched <= 1:
+        ap.error("--untouched must be in [0, 1]")
 
     t0 = time.monotonic()
     base = os.path.abspath(args.base)
@@ -202,7 +224,7 @@ def main(argv=None):
         if f.endswith(".safetensors") and f not in shards:
             os.remove(os.path.join(out, f))
 
-    stats = {"proj": 0, "norm": 0, "copied": 0, "fracs": [], "rel_delta": []}
+    stats = {"proj": 0, "norm": 0, "copied": 0, "untouched": 0, "fracs": [], "rel_delta": []}
     n_tensors = 0
     for shard in shards:
         ts = time.monotonic()
@@ -223,10 +245,12 @@ def main(argv=None):
         "delta_max": args.delta_max,
         "noise": args.noise,
         "norm_std": args.norm_std,
+        "untouched": args.untouched,
         "tensors": n_tensors,
         "projections_perturbed": stats["proj"],
         "norms_perturbed": stats["norm"],
         "copied_bit_identical": stats["copied"],
+        "projections_untouched": stats["untouched"],
         "stored_rel_delta_min": round(min(rd), 5) if rd else None,
         "stored_rel_delta_max": round(max(rd), 5) if rd else None,
         "seconds": round(elapsed, 1),
@@ -234,8 +258,9 @@ def main(argv=None):
     with open(marker, "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
         f.write("\n")
+    untouched = f", {stats['untouched']} projections untouched" if args.untouched > 0 else ""
     print(f"wrote {out}: {stats['proj']} projections + rank-{args.rank} delta, {stats['norm']} norms "
-          f"perturbed, {stats['copied']} tensors copied; stored ||W'-W||/||W|| "
+          f"perturbed, {stats['copied']} tensors copied{untouched}; stored ||W'-W||/||W|| "
           f"{info['stored_rel_delta_min']}..{info['stored_rel_delta_max']} ({elapsed:.1f}s)",
           file=sys.stderr)
 

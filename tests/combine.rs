@@ -465,3 +465,31 @@ fn combine_refuses_bad_requests_cleanly() {
         assert!(!out.exists());
     }
 }
+
+/// Adapters of different families combine through their ΔW: the combined LoRA (LoHa + LoRA,
+/// and OFT — a rotation, so against the base — + LoRA) merges to what merging the originals one
+/// after the other gives.
+#[test]
+fn families_combine_through_their_updates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixtures("peft").join("bases/llama");
+    let lora = fixtures("peft").join("llama_lora/adapter");
+    for (other, weights) in [("llama_loha", "1,0.5"), ("llama_oft", "1,-0.7")] {
+        let other = fixtures("peft_families").join(other).join("adapter");
+        let combined = tmp.path().join(format!("{}-combined", other.parent().unwrap().file_name().unwrap().to_string_lossy()));
+        let w = format!("--weights={weights}");
+        ok(&run(&[&"combine", &other, &lora, &w, &"--base", &base, &"-o", &combined]));
+        let via_combined = combined.with_extension("merged.safetensors");
+        ok(&run(&[&"merge", &base, &combined, &"-o", &via_combined]));
+        let direct = combined.with_extension("direct.safetensors");
+        ok(&run(&[&"merge", &base, &other, &lora, &w, &"-o", &direct]));
+        let o = run(&[&"diff", &via_combined, &direct, &"--tolerance=1e-5"]);
+        ok(&o);
+    }
+    // Without the base, a family whose update depends on it is refused by name.
+    let oft = fixtures("peft_families").join("llama_oft/adapter");
+    let out = tmp.path().join("no-base");
+    let err = failed(&run(&[&"combine", &oft, &lora, &"-o", &out]));
+    assert!(err.contains("--base"), "{err}");
+    assert!(!out.exists());
+}
