@@ -476,9 +476,19 @@ fn families_combine_through_their_updates() {
     let lora = fixtures("peft").join("llama_lora/adapter");
     for (other, weights) in [("llama_loha", "1,0.5"), ("llama_oft", "1,-0.7")] {
         let other = fixtures("peft_families").join(other).join("adapter");
-        let combined = tmp.path().join(format!("{}-combined", other.parent().unwrap().file_name().unwrap().to_string_lossy()));
+        let combined = tmp.path().join(format!(
+            "{}-combined",
+            other
+                .parent()
+                .unwrap()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+        ));
         let w = format!("--weights={weights}");
-        ok(&run(&[&"combine", &other, &lora, &w, &"--base", &base, &"-o", &combined]));
+        ok(&run(&[
+            &"combine", &other, &lora, &w, &"--base", &base, &"-o", &combined,
+        ]));
         let via_combined = combined.with_extension("merged.safetensors");
         ok(&run(&[&"merge", &base, &combined, &"-o", &via_combined]));
         let direct = combined.with_extension("direct.safetensors");
