@@ -1089,7 +1089,7 @@ mod tests {
             .collect();
         let out = run(
             &spec(Some(Sparsify::Magnitude), 0.3, 0.0),
-            &[xs.clone()],
+            std::slice::from_ref(&xs),
             10,
             100,
         );
@@ -1126,8 +1126,8 @@ mod tests {
         let xs = vec![1.0f32; 200_000];
         let mut s = spec(Some(Sparsify::Random), 0.3, 0.0);
         s.rescale = true;
-        let a = run(&s, &[xs.clone()], 1, 200_000);
-        let b = run(&s, &[xs.clone()], 2000, 100);
+        let a = run(&s, std::slice::from_ref(&xs), 1, 200_000);
+        let b = run(&s, std::slice::from_ref(&xs), 2000, 100);
         assert_eq!(a, b);
         let kept = a.iter().filter(|x| **x != 0.0).count() as f64 / 200_000.0;
         assert!((kept - 0.3).abs() < 0.005, "{kept}");
