@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use adapterkit_core::{DType, TensorSource};
-use adapterkit_formats::{peft, AdapterWriter};
+use adapterkit_formats::AdapterWriter;
 use adapterkit_ops::combine::{
     self, CombineMethod, CombineOptions, PeftCombination, PeftCombineOptions,
 };
@@ -100,30 +100,7 @@ pub fn run(a: CombineArgs) -> Result<()> {
     let majority = majority(&a.majority)?;
     let dtype = factor_dtype(&a.dtype)?.unwrap_or(DType::F32);
     let base = open_base(a.base.as_deref())?;
-    let mut opened = Vec::new();
-    let mut errors = Vec::new();
-    for p in &a.adapters {
-        match peft::open(p) {
-            Ok(mut pa) => {
-                if let Some(b) = &base {
-                    let fixed = adapterkit_ops::plan::conv1d_layout(&mut pa.adapter, model_type(b));
-                    pa.adapter.notes.extend(fixed);
-                }
-                for n in &pa.adapter.notes {
-                    eprintln!("note: {}: {n}", p.display());
-                }
-                opened.push(pa);
-            }
-            Err(e) => errors.push(format!("{}: {e}", p.display())),
-        }
-    }
-    if !errors.is_empty() {
-        bail!(
-            "cannot read {} adapter(s), nothing written:\n{}",
-            errors.len(),
-            errors.join("\n")
-        );
-    }
+    let opened = crate::open_adapters(&a.adapters, base.as_ref().and_then(model_type))?;
     let started = std::time::Instant::now();
     match a.compat.as_deref() {
         Some("peft") => {

@@ -250,35 +250,18 @@ fn run_merge(mut a: MergeArgs, direction: Direction) -> Result<()> {
             p.display()
         );
     }
-    let mut adapters = Vec::new();
-    let mut errors = Vec::new();
-    for (p, w) in a.adapters.iter().zip(weights) {
-        match peft::open(p) {
-            Ok(mut pa) => {
-                let model_type = base
-                    .config()
-                    .and_then(|c| c.get("model_type"))
-                    .and_then(|v| v.as_str());
-                let fixed = adapterkit_ops::plan::conv1d_layout(&mut pa.adapter, model_type);
-                pa.adapter.notes.extend(fixed);
-                for n in &pa.adapter.notes {
-                    eprintln!("note: {}: {n}", p.display());
-                }
-                adapters.push(WeightedAdapter {
-                    adapter: pa.adapter,
-                    weight: w,
-                })
-            }
-            Err(e) => errors.push(format!("{}: {e}", p.display())),
-        }
-    }
-    if !errors.is_empty() {
-        bail!(
-            "cannot read {} adapter(s), nothing written:\n{}",
-            errors.len(),
-            errors.join("\n")
-        );
-    }
+    let model_type = base
+        .config()
+        .and_then(|c| c.get("model_type"))
+        .and_then(|v| v.as_str());
+    let adapters: Vec<WeightedAdapter> = open_adapters(&a.adapters, model_type)?
+        .into_iter()
+        .zip(weights)
+        .map(|(pa, weight)| WeightedAdapter {
+            adapter: pa.adapter,
+            weight,
+        })
+        .collect();
     let started = std::time::Instant::now();
     let plan = adapterkit_ops::plan_direction(
         base.root(),
@@ -325,6 +308,37 @@ fn run_merge(mut a: MergeArgs, direction: Direction) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Open PEFT adapters, reading GPT-2 `Conv1D` layouts for `model_type` as PEFT does and printing
+/// each adapter's notes; every adapter that cannot be read is reported at once.
+pub(crate) fn open_adapters(
+    paths: &[PathBuf],
+    model_type: Option<&str>,
+) -> Result<Vec<peft::PeftAdapter>> {
+    let mut opened = Vec::new();
+    let mut errors = Vec::new();
+    for p in paths {
+        match peft::open(p) {
+            Ok(mut pa) => {
+                let fixed = adapterkit_ops::plan::conv1d_layout(&mut pa.adapter, model_type);
+                pa.adapter.notes.extend(fixed);
+                for n in &pa.adapter.notes {
+                    eprintln!("note: {}: {n}", p.display());
+                }
+                opened.push(pa);
+            }
+            Err(e) => errors.push(format!("{}: {e}", p.display())),
+        }
+    }
+    if !errors.is_empty() {
+        bail!(
+            "cannot read {} adapter(s), nothing written:\n{}",
+            errors.len(),
+            errors.join("\n")
+        );
+    }
+    Ok(opened)
 }
 
 /// Run `work` with a progress line on stderr (when it is a terminal and `show` is set), fed by the

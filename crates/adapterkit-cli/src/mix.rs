@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use adapterkit_core::DType;
 use adapterkit_formats::recipe::{Recipe, Setting};
-use adapterkit_formats::{peft, Checkpoint};
+use adapterkit_formats::Checkpoint;
 use adapterkit_ops::model_merge::{self, ModelInput, ModelMergeOptions, ModelMethod, Params};
 use adapterkit_ops::{ExecOptions, OutDType, Output, WeightedAdapter};
 use anyhow::{bail, Context, Result};
@@ -165,13 +165,9 @@ fn input(model: &Path, adapter: Option<&Path>, label: String) -> Result<ModelInp
     let adapters = match adapter {
         None => None,
         Some(a) => {
-            let mut pa =
-                peft::open(a).with_context(|| format!("opening adapter {}", a.display()))?;
-            let fixed = adapterkit_ops::plan::conv1d_layout(&mut pa.adapter, model_type(&ckpt));
-            pa.adapter.notes.extend(fixed);
-            for n in &pa.adapter.notes {
-                eprintln!("note: {}: {n}", a.display());
-            }
+            let pa = crate::open_adapters(&[a.to_path_buf()], model_type(&ckpt))?
+                .pop()
+                .expect("one adapter");
             let plan = adapterkit_ops::plan(
                 ckpt.root(),
                 &ckpt,

@@ -21,8 +21,7 @@ use adapterkit_formats::AdapterWriter;
 use serde_json::{json, Value};
 
 use crate::compress::{
-    lora_config, peft_key, write_factors, write_lora, write_lora_biases, LowRankReport,
-    ModuleReport,
+    finish_lora, peft_key, save_whole, write_factors, write_lora, LowRankReport, ModuleReport,
 };
 use crate::deltas::{DeltaData, Deltas, ModuleDelta};
 use crate::error::{Error, Result};
@@ -233,6 +232,39 @@ fn mix(
     Ok(out)
 }
 
+/// `Σ wᵢ·Lᵢ·Rᵢ` of low-rank updates (adapter `i`, its update) as one product
+/// `[w₁L₁ | w₂L₂ | …]·[R₁; R₂; …]`: the left factor, the right factor and the inner dimension.
+fn concat_products(
+    entries: &[(usize, &ModuleDelta)],
+    weights: &[f64],
+    rows: usize,
+    cols: usize,
+) -> (Vec<f64>, Vec<f64>, usize) {
+    let ks: Vec<usize> = entries
+        .iter()
+        .map(|(_, md)| match &md.data {
+            DeltaData::Product { k, .. } => *k,
+            DeltaData::Dense(_) => 0,
+        })
+        .collect();
+    let k: usize = ks.iter().sum();
+    let mut l = vec![0f64; rows * k];
+    let mut r = Vec::with_capacity(k * cols);
+    let mut col = 0;
+    for ((i, md), &ki) in entries.iter().zip(&ks) {
+        if let DeltaData::Product { l: li, r: ri, .. } = &md.data {
+            for row in 0..rows {
+                for t in 0..ki {
+                    l[row * k + col + t] = weights[*i] * li[row * ki + t];
+                }
+            }
+            r.extend_from_slice(ri);
+        }
+        col += ki;
+    }
+    (l, r, k)
+}
+
 /// Combine adapters (`inputs`: each adapter with its updates) into one PEFT LoRA written to
 /// `out`. `base` is needed only to save a combined vector update that has no LoRA module to
 /// ride on. Returns the config and the per-module report.
@@ -334,31 +366,7 @@ pub fn combine(
         let exact = matches!(opts.method, CombineMethod::Cat | CombineMethod::Linear);
         if exact && all_products {
             // Σ wᵢ·Lᵢ·Rᵢ = [w₁L₁ | w₂L₂ | …]·[R₁; R₂; …].
-            let k: usize = entries
-                .iter()
-                .map(|(_, md)| input_rank(md).unwrap_or(0))
-                .sum();
-            let mut l = vec![0f64; rows * k];
-            let mut r = Vec::with_capacity(k * cols);
-            let mut col = 0;
-            for (i, md) in entries {
-                let DeltaData::Product {
-                    l: li,
-                    r: ri,
-                    k: ki,
-                } = &md.data
-                else {
-                    unreachable!("all products")
-                };
-                let w = opts.weights[*i];
-                for row in 0..rows {
-                    for t in 0..*ki {
-                        l[row * k + col + t] = w * li[row * ki + t];
-                    }
-                }
-                r.extend_from_slice(ri);
-                col += ki;
-            }
+            let (l, r, k) = concat_products(entries, &opts.weights, rows, cols);
             write_factors(out, module, &first.layer, &l, &r, rows, k, cols, opts.dtype)?;
             rep.modules.push(ModuleReport {
                 module: module.clone(),
@@ -373,30 +381,7 @@ pub fn combine(
         } else {
             let f: Factored = if opts.method == CombineMethod::Svd && all_products {
                 // The weighted sum as one product, factorised exactly.
-                let k: usize = entries
-                    .iter()
-                    .map(|(_, md)| input_rank(md).unwrap_or(0))
-                    .sum();
-                let mut l = vec![0f64; rows * k];
-                let mut r = Vec::with_capacity(k * cols);
-                let mut col = 0;
-                for (i, md) in entries {
-                    let DeltaData::Product {
-                        l: li,
-                        r: ri,
-                        k: ki,
-                    } = &md.data
-                    else {
-                        unreachable!("all products")
-                    };
-                    for row in 0..rows {
-                        for t in 0..*ki {
-                            l[row * k + col + t] = opts.weights[*i] * li[row * ki + t];
-                        }
-                    }
-                    r.extend_from_slice(ri);
-                    col += ki;
-                }
+                let (l, r, k) = concat_products(entries, &opts.weights, rows, cols);
                 svd::factor_product(module, &l, &r, rows, k, cols)?
             } else {
                 let idx: Vec<usize> = entries.iter().map(|(i, _)| *i).collect();
@@ -409,7 +394,6 @@ pub fn combine(
                 };
                 svd::factor_dense(module, &mixed, rows, cols, needed, &opts.svd)?
             };
-            let nonzero = f.svd.s.iter().take_while(|&&x| x > 0.0).count();
             let rank = if exact {
                 // Lossless: every non-negligible triplet.
                 let tol = f.svd.s.first().copied().unwrap_or(0.0) * 1e-7;
@@ -423,7 +407,6 @@ pub fn combine(
                 r.min(rows.min(cols))
             }
             .max(1);
-            let _ = nonzero;
             write_lora(out, module, &first.layer, &f.svd, rank, opts.dtype)?;
             rep.modules.push(ModuleReport {
                 module: module.clone(),
@@ -482,22 +465,7 @@ pub fn combine(
                 v0.module
             )));
         };
-        let info = base
-            .info(target)
-            .ok_or_else(|| adapterkit_core::Error::TensorNotFound {
-                name: target.clone(),
-            })?
-            .clone();
-        let mut w = base.read_f32(target)?;
-        for (x, d) in w.iter_mut().zip(&mixed) {
-            *x += d;
-        }
-        let dt = if info.dtype.is_writable_float() {
-            info.dtype
-        } else {
-            DType::F32
-        };
-        out.add_f32(&peft_key(target), dt, v0.shape.clone(), &w)?;
+        save_whole(base, target, &v0.shape, &mixed, out)?;
         if !modules_to_save.contains(&v0.module) {
             modules_to_save.push(v0.module.clone());
         }
@@ -505,26 +473,17 @@ pub fn combine(
             "{target}: not the bias of a LoRA module, saved whole (modules_to_save)"
         ));
     }
-    let lora_bias = !biases.is_empty();
-    if lora_bias {
-        write_lora_biases(
-            out_dims.iter().map(|(m, n)| (m.clone(), (*n, opts.dtype))),
-            biases,
-            out,
-        )?;
-        rep.notes.push(
-            "bias updates written as lora_bias (zero for modules whose bias did not change)".into(),
-        );
-    }
-    let cfg = lora_config(
+    let cfg = finish_lora(
+        out_dims.iter().map(|(m, n)| (m.clone(), (*n, opts.dtype))),
+        biases,
         base_model,
-        &rep.modules,
+        &mut rep,
         targets,
         modules_to_save,
         fan_in_fan_out.unwrap_or(false),
-        lora_bias,
         false,
-    );
+        out,
+    )?;
     Ok((cfg, rep))
 }
 

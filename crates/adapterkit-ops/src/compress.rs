@@ -414,22 +414,7 @@ pub fn to_lora(
                 v.module
             )));
         };
-        let info = base
-            .info(&v.target)
-            .ok_or_else(|| adapterkit_core::Error::TensorNotFound {
-                name: v.target.clone(),
-            })?
-            .clone();
-        let mut w = base.read_f32(&v.target)?;
-        for (x, d) in w.iter_mut().zip(delta) {
-            *x += d;
-        }
-        let dt = if info.dtype.is_writable_float() {
-            info.dtype
-        } else {
-            DType::F32
-        };
-        out.add_f32(&peft_key(&v.target), dt, v.shape.clone(), &w)?;
+        save_whole(base, &v.target, &v.shape, delta, out)?;
         if !modules_to_save.contains(&v.module) {
             modules_to_save.push(v.module.clone());
         }
@@ -438,13 +423,69 @@ pub fn to_lora(
             v.target
         ));
     }
+    let outs = lora_out_dims
+        .iter()
+        .map(|(m, (n, _))| (m.clone(), (*n, dtype)));
+    let biases = biases.into_iter().map(|(m, b)| (m, (dtype, b))).collect();
+    let cfg = finish_lora(
+        outs,
+        biases,
+        base_model,
+        &mut rep,
+        targets,
+        modules_to_save,
+        fan_in_fan_out.unwrap_or(false),
+        dora,
+        out,
+    )?;
+    Ok((cfg, rep))
+}
+
+/// Save `base[target] + delta` whole (for `modules_to_save`) under PEFT's key, in the base
+/// tensor's dtype.
+pub(crate) fn save_whole(
+    base: &dyn TensorSource,
+    target: &str,
+    shape: &[u64],
+    delta: &[f32],
+    out: &mut AdapterWriter,
+) -> Result<()> {
+    let info = base
+        .info(target)
+        .ok_or_else(|| adapterkit_core::Error::TensorNotFound {
+            name: target.to_string(),
+        })?
+        .clone();
+    let mut w = base.read_f32(target)?;
+    for (x, d) in w.iter_mut().zip(delta) {
+        *x += d;
+    }
+    let dt = if info.dtype.is_writable_float() {
+        info.dtype
+    } else {
+        DType::F32
+    };
+    out.add_f32(&peft_key(target), dt, shape.to_vec(), &w)
+        .map_err(Into::into)
+}
+
+/// The end of writing a LoRA: `lora_bias` for every module when any bias changed, and the
+/// config, which it returns.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn finish_lora(
+    lora_modules: impl IntoIterator<Item = (String, (usize, DType))>,
+    biases: BTreeMap<String, (DType, Vec<f32>)>,
+    base_model: Option<&str>,
+    rep: &mut LowRankReport,
+    targets: Vec<String>,
+    modules_to_save: Vec<String>,
+    fan_in_fan_out: bool,
+    dora: bool,
+    out: &mut AdapterWriter,
+) -> Result<Value> {
     let lora_bias = !biases.is_empty();
     if lora_bias {
-        let outs = lora_out_dims
-            .iter()
-            .map(|(m, (n, _))| (m.clone(), (*n, dtype)));
-        let biases = biases.into_iter().map(|(m, b)| (m, (dtype, b))).collect();
-        write_lora_biases(outs, biases, out)?;
+        write_lora_biases(lora_modules, biases, out)?;
         rep.notes.push(
             "bias updates written as lora_bias (zero for modules whose bias did not change)".into(),
         );
@@ -454,11 +495,11 @@ pub fn to_lora(
         &rep.modules,
         targets,
         modules_to_save,
-        fan_in_fan_out.unwrap_or(false),
+        fan_in_fan_out,
         lora_bias,
         dora,
     );
-    Ok((cfg, rep))
+    Ok(cfg)
 }
 
 /// PEFT's `lora_bias` is global: every LoRA module (`modules`: name → (outputs, dtype)) gets a
