@@ -254,3 +254,108 @@ fn method_flags_equal_the_recipe() {
     let (d, t) = worst_difference(&out, &m.join("cases/lora_source/expected"));
     assert!(d <= 1e-5, "{t}: {d:e}");
 }
+
+#[test]
+fn method_flag_errors_are_clean() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = mk();
+    let (base, ft1, ft2) = (
+        m.join("models/base"),
+        m.join("models/ft1"),
+        m.join("models/ft2"),
+    );
+    let vocab = m.join("models/ft_vocab");
+    let out = tmp.path().join("o");
+    let recipe = m.join("cases/ties/recipe.yml");
+    let cases: Vec<(Vec<&dyn AsRef<std::ffi::OsStr>>, &str)> = vec![
+        (
+            vec![&"merge", &base, &"--method=ties", &"-o", &out],
+            "no models",
+        ),
+        (
+            vec![&"merge", &base, &ft1, &"--method=nope", &"-o", &out],
+            "--method",
+        ),
+        (
+            vec![
+                &"merge",
+                &base,
+                &ft1,
+                &ft2,
+                &"--method=slerp",
+                &"--t=0.5",
+                &"-o",
+                &out,
+            ],
+            "exactly one model",
+        ),
+        (
+            vec![&"merge", &base, &ft1, &"--method=model_stock", &"-o", &out],
+            "at least two",
+        ),
+        (
+            vec![&"merge", &base, &ft1, &"--method=slerp", &"-o", &out],
+            "`t`",
+        ),
+        (
+            vec![
+                &"merge",
+                &base,
+                &ft1,
+                &ft2,
+                &"--method=ties",
+                &"--weights=1",
+                &"-o",
+                &out,
+            ],
+            "--weights",
+        ),
+        (
+            vec![&"merge", &base, &ft1, &"--recipe", &recipe, &"-o", &out],
+            "--recipe",
+        ),
+        (
+            vec![&"unmerge", &base, &ft1, &"--method=ties", &"-o", &out],
+            "unmerge",
+        ),
+        (
+            vec![
+                &"merge",
+                &base,
+                &ft1,
+                &ft2,
+                &"--method=linear",
+                &"--weights=1,-1",
+                &"-o",
+                &out,
+            ],
+            "sum to zero",
+        ),
+        (
+            vec![&"merge", &base, &ft1, &vocab, &"--method=ties", &"-o", &out],
+            "vocabularies differ",
+        ),
+        (
+            vec![
+                &"merge",
+                &base,
+                &ft1,
+                &"--method=della",
+                &"--density=0.1",
+                &"--epsilon=0.2",
+                &"-o",
+                &out,
+            ],
+            "epsilon",
+        ),
+        (
+            vec![&"merge", &base, &ft1, &"--method=ties", &"-o", &ft1],
+            "output cannot be an input",
+        ),
+    ];
+    for (args, want) in cases {
+        let err = failed(&run_in_fixtures(&args));
+        assert!(err.contains(want), "{want}: {err}");
+        assert!(!out.exists());
+    }
+}

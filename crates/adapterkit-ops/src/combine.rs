@@ -69,16 +69,12 @@ impl CombineMethod {
 
     /// The method called `name`.
     pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, m)| *m)
+        methods::by_name(&Self::ALL, name)
     }
 
     /// Its name.
     pub fn name(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(_, m)| *m == self)
-            .map(|(n, _)| *n)
-            .unwrap_or("?")
+        methods::name_in(&Self::ALL, &self)
     }
 
     fn peft_kind(self) -> Option<PeftKind> {

@@ -22,6 +22,20 @@ use crate::error::{Error, Result};
 /// Rows of f32 elements per chunk target.
 const CHUNK_ELEMS: usize = 1 << 15;
 
+/// The value called `name` in a table of named methods.
+pub(crate) fn by_name<T: Copy>(table: &[(&'static str, T)], name: &str) -> Option<T> {
+    table.iter().find(|(n, _)| *n == name).map(|(_, m)| *m)
+}
+
+/// The name of `value` in a table of named methods.
+pub(crate) fn name_in<T: PartialEq>(table: &[(&'static str, T)], value: &T) -> &'static str {
+    table
+        .iter()
+        .find(|(_, m)| m == value)
+        .map(|(n, _)| *n)
+        .unwrap_or("?")
+}
+
 /// How the majority sign is decided (PEFT's `majority_sign_method`, mergekit's `consensus`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Majority {

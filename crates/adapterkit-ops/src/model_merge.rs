@@ -72,16 +72,12 @@ impl ModelMethod {
 
     /// The method called `name` (mergekit's spelling).
     pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, m)| *m)
+        methods::by_name(&Self::ALL, name)
     }
 
     /// mergekit's name.
     pub fn name(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(_, m)| *m == self)
-            .map(|(n, _)| *n)
-            .unwrap_or("?")
+        methods::name_in(&Self::ALL, &self)
     }
 
     /// The generalized-task-arithmetic shape of the method: sparsifier, consensus, and the
