@@ -529,8 +529,8 @@ pub struct PeftCombineOptions {
     pub density: Option<f64>,
     /// `majority_sign_method`.
     pub majority: Majority,
-    /// Seed of DARE's masks (PEFT draws from torch's global generator; these are not the same
-    /// draws).
+    /// `torch.manual_seed` before the call: DARE's masks are drawn from torch's CPU generator as
+    /// PEFT draws them (see [`torch_draws`]).
     pub seed: u64,
 }
 
@@ -561,6 +561,62 @@ fn read(adapter: &Adapter, name: &str) -> Result<Factor> {
         shape: info.shape,
         dtype: info.dtype,
     })
+}
+
+/// Where a Llama- or GPT-2-style module sits in `model.named_modules()`: (layer, position), or
+/// `None` for a name outside those layouts.
+fn model_order(module: &str) -> Option<(u64, usize)> {
+    const ORDER: [&str; 11] = [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+        "attn.c_attn",
+        "attn.c_proj",
+        "mlp.c_fc",
+        "mlp.c_proj",
+    ];
+    let parts: Vec<&str> = module.split('.').collect();
+    let at = parts.iter().position(|p| *p == "layers" || *p == "h")?;
+    let layer = parts.get(at + 1)?.parse().ok()?;
+    let sub = parts.get(at + 2..)?.join(".");
+    Some((layer, ORDER.iter().position(|o| *o == sub)?))
+}
+
+/// torch's CPU draws for PEFT's DARE, when they can be replayed: after
+/// `torch.manual_seed(seed)`, `add_weighted_adapter` first creates the new adapter's layers in
+/// model order (`nn.Linear(in, r)` and `nn.Linear(r, out)` each draw one uniform per weight, then
+/// `kaiming_uniform_` redraws `A`), then, module by module, `torch.bernoulli` draws one uniform
+/// (`(u & 0xFFFFFF)·2⁻²⁴`) per element of each pruned tensor in order. `modules` are
+/// (name, in, out) in model order; `sizes[m]` the element counts pruned in module `m`, in order.
+/// Returns the uniforms per module and tensor.
+fn torch_draws(
+    seed: u64,
+    r: usize,
+    modules: &[(&str, usize, usize)],
+    sizes: &[Vec<usize>],
+) -> Vec<Vec<Vec<f64>>> {
+    let mut g = crate::torch_rng::Mt19937::new(seed);
+    for &(_, inp, out) in modules {
+        for _ in 0..(2 * r * inp + out * r) {
+            g.next_u32();
+        }
+    }
+    sizes
+        .iter()
+        .map(|per| {
+            per.iter()
+                .map(|&n| {
+                    (0..n)
+                        .map(|_| (g.next_u32() & 0xff_ffff) as f64 / (1u64 << 24) as f64)
+                        .collect()
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// Reproduce PEFT's `add_weighted_adapter(adapters, weights, combination_type, svd_rank,
@@ -700,8 +756,60 @@ pub fn combine_peft(
             }
         }
     }
+    let known = order.iter().all(|m| model_order(m).is_some())
+        && modules
+            .iter()
+            .flatten()
+            .all(|(_, lr)| matches!(lr.layer, LayerKind::Linear { .. }));
+    if known {
+        order.sort_by_key(|m| model_order(m));
+    }
     let k = new_rank as usize;
+    let random_prune = d < 1.0
+        && matches!(
+            combination,
+            PeftCombination::Factors(PeftKind::DareLinear | PeftKind::DareTies)
+                | PeftCombination::Svd(PeftKind::DareLinear | PeftKind::DareTies)
+        );
+    // torch's draws, module by module (None: not replayable, our own stream is used).
+    let mut draws: Option<std::collections::VecDeque<Vec<Vec<f64>>>> = None;
+    if random_prune && known {
+        let shape = |a: &Adapter, n: &str| {
+            a.tensors
+                .info(n)
+                .map(|i| i.shape.clone())
+                .unwrap_or_default()
+        };
+        let mut dims = Vec::new();
+        let mut sizes = Vec::new();
+        for module in &order {
+            let lrs: Vec<(&Adapter, &LowRank)> = modules
+                .iter()
+                .zip(inputs)
+                .filter_map(|(ms, (a, _))| {
+                    ms.iter()
+                        .find(|(m, _)| m == module)
+                        .map(|(_, lr)| (*a, *lr))
+                })
+                .collect();
+            let (a0, lr0) = lrs[0];
+            let inp = shape(a0, &lr0.a).get(1).copied().unwrap_or(0) as usize;
+            let outp = shape(a0, &lr0.b).first().copied().unwrap_or(0) as usize;
+            dims.push((*module, inp, outp));
+            let numel = |a: &Adapter, n: &str| shape(a, n).iter().product::<u64>() as usize;
+            sizes.push(match combination {
+                PeftCombination::Svd(_) => vec![inp * outp; lrs.len()],
+                _ => lrs
+                    .iter()
+                    .map(|(a, lr)| numel(a, &lr.a))
+                    .chain(lrs.iter().map(|(a, lr)| numel(a, &lr.b)))
+                    .collect(),
+            });
+        }
+        draws = Some(torch_draws(opts.seed, k, &dims, &sizes).into());
+    }
     for module in order {
+        let module_draws = draws.as_mut().and_then(|d| d.pop_front());
         let entries: Vec<(usize, &LowRank)> = modules
             .iter()
             .enumerate()
@@ -798,13 +906,18 @@ pub fn combine_peft(
                     .iter()
                     .map(|&i| Uniforms::new(opts.seed, i, &bn))
                     .collect();
+                let n = idx.len();
+                let torch = module_draws.as_ref();
+                let ra = |i: usize, j: usize| torch.map_or_else(|| sa[i].at(j as u64), |t| t[i][j]);
+                let rb =
+                    |i: usize, j: usize| torch.map_or_else(|| sb[i].at(j as u64), |t| t[n + i][j]);
                 let a_out = methods::peft_mix(
                     kind,
                     facts.iter().map(|(a, _)| a.values.clone()).collect(),
                     &wa,
                     d,
                     opts.majority,
-                    &|i, j| sa[i].at(j as u64),
+                    &ra,
                 );
                 let b_out = methods::peft_mix(
                     kind,
@@ -812,7 +925,7 @@ pub fn combine_peft(
                     &wb,
                     d,
                     opts.majority,
-                    &|i, j| sb[i].at(j as u64),
+                    &rb,
                 );
                 out.add_f32(&an, dtype, a_shape, &a_out)?;
                 out.add_f32(&bn, dtype, b_shape, &b_out)?;
@@ -852,9 +965,10 @@ pub fn combine_peft(
                     .iter()
                     .map(|&i| Uniforms::new(opts.seed, i, module))
                     .collect();
-                let mixed = methods::peft_mix(kind, deltas, &ws, d, opts.majority, &|i, j| {
-                    streams[i].at(j as u64)
-                });
+                let torch = module_draws.as_ref();
+                let rd =
+                    |i: usize, j: usize| torch.map_or_else(|| streams[i].at(j as u64), |t| t[i][j]);
+                let mixed = methods::peft_mix(kind, deltas, &ws, d, opts.majority, &rd);
                 let f =
                     svd::factor_dense(module, &mixed, rows, cols, None, &SvdOptions::default())?;
                 let sv = &f.svd;

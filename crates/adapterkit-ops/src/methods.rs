@@ -988,13 +988,12 @@ pub fn peft_mix(
         }
         PeftKind::DareLinear | PeftKind::DareTies => {
             if density < 1.0 {
+                // torch.bernoulli(full_like(t, d)) keeps where a uniform < d (in f32), then
+                // divides by d (in f32).
+                let d = density as f32;
                 for (i, t) in tensors.iter_mut().enumerate() {
                     for (j, x) in t.iter_mut().enumerate() {
-                        *x = if random(i, j) < density {
-                            (*x as f64 / density) as f32
-                        } else {
-                            0.0
-                        };
+                        *x = if random(i, j) < d as f64 { *x / d } else { 0.0 };
                     }
                 }
             }
@@ -1002,31 +1001,32 @@ pub fn peft_mix(
         PeftKind::Linear => {}
     }
     let ties = matches!(kind, PeftKind::Ties | PeftKind::DareTies);
+    // torch's arithmetic: f32 weights, f32 products, sums over the stack in order.
+    let weights: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
     (0..n)
         .map(|j| {
             if !ties {
                 return tensors
                     .iter()
-                    .zip(weights)
-                    .map(|(t, w)| t[j] as f64 * w)
-                    .sum::<f64>() as f32;
+                    .zip(&weights)
+                    .fold(0f32, |acc, (t, w)| acc + t[j] * w);
             }
-            let s: f64 = tensors
+            let s: f32 = tensors
                 .iter()
                 .map(|t| match majority {
-                    Majority::Total => t[j] as f64,
-                    Majority::Frequency => sign(t[j] as f64),
+                    Majority::Total => t[j],
+                    Majority::Frequency => sign(t[j] as f64) as f32,
                 })
-                .sum();
+                .fold(0f32, |a, b| a + b);
             let maj = if s >= 0.0 { 1.0 } else { -1.0 };
-            let (mut sum, mut count) = (0f64, 0f64);
-            for (t, w) in tensors.iter().zip(weights) {
+            let (mut sum, mut count) = (0f32, 0f32);
+            for (t, w) in tensors.iter().zip(&weights) {
                 if sign(t[j] as f64) == maj {
-                    sum += t[j] as f64 * w;
+                    sum += t[j] * w;
                     count += 1.0;
                 }
             }
-            (sum / count.max(1.0)) as f32
+            sum / count.max(1.0)
         })
         .collect()
 }
