@@ -87,12 +87,15 @@ fn products_as(dir: &Path, rslora: Option<bool>) -> Vec<(String, Vec<f64>)> {
     let f = tensors(dir);
     let mut out = Vec::new();
     for t in f.tensors() {
-        let Some(prefix) = t.name.strip_suffix(".lora_A.weight") else {
+        let (prefix, bn) = if let Some(p) = t.name.strip_suffix(".lora_A.weight") {
+            (p, format!("{p}.lora_B.weight"))
+        } else if let Some(p) = t.name.strip_suffix(".lora_embedding_A") {
+            (p, format!("{p}.lora_embedding_B"))
+        } else {
             continue;
         };
         let module = prefix.trim_start_matches("base_model.model.").to_string();
         let a = f.read_f32(&t.name).unwrap();
-        let bn = format!("{prefix}.lora_B.weight");
         let b = f.read_f32(&bn).unwrap();
         let rows = f.info(&bn).unwrap().shape[0] as usize;
         let k = t.shape[0] as usize;
@@ -267,7 +270,7 @@ fn compat_peft_refuses_what_peft_refuses_or_writes_broken() {
         assert!(err.len() > 20, "{name}: {err}");
         checked += 1;
     }
-    assert_eq!(checked, 8);
+    assert!(checked >= 8, "only {checked}");
 }
 
 /// The exact mode: `cat`/`linear` write `Σ wᵢ ΔWᵢ` as concatenated factors (rank Σrᵢ), the
@@ -307,7 +310,12 @@ fn exact_mode_equals_the_delta_space_reference() {
             assert_eq!(cfg["lora_alpha"], cfg["r"], "{name}: scale 1");
         }
         // At the case's rank the product is the optimal truncation: PEFT's own.
-        if is_svd(kind) && !single && c["peft_output_broken"] != true && !sign_dependent(&c) {
+        if is_svd(kind)
+            && !single
+            && !c["peft"].is_null()
+            && c["peft_output_broken"] != true
+            && !sign_dependent(&c)
+        {
             let r = c["peft_config"]["r"].as_u64().unwrap();
             let out = tmp.path().join(format!("{name}-r"));
             ok(&combine(

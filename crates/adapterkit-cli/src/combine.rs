@@ -152,7 +152,7 @@ pub fn run(a: CombineArgs) -> Result<()> {
                 .iter()
                 .zip(&a.adapters)
                 .map(|(pa, p)| {
-                    deltas::adapter_deltas(&pa.adapter, src, true)
+                    deltas::adapter_deltas(&combine::without_saved_layers(&pa.adapter), src, true)
                         .with_context(|| format!("reading the updates of {}", p.display()))
                 })
                 .collect::<Result<_>>()?;

@@ -21,7 +21,8 @@ use adapterkit_formats::AdapterWriter;
 use serde_json::{json, Value};
 
 use crate::compress::{
-    finish_lora, peft_key, save_whole, write_factors, write_lora, LowRankReport, ModuleReport,
+    copy_tensor, finish_lora, peft_key, save_whole, write_factors, write_lora, LowRankReport,
+    ModuleReport,
 };
 use crate::deltas::{DeltaData, Deltas, ModuleDelta};
 use crate::error::{Error, Result};
@@ -228,6 +229,22 @@ fn mix(
     Ok(out)
 }
 
+/// Whether an adapter tensor is PEFT's saved copy of a targeted embedding layer
+/// (`save_embedding_layers`): the base layer's weight, not an update.
+fn is_saved_layer(tensor: &str) -> bool {
+    tensor.contains(".base_layer.")
+}
+
+/// `adapter` without PEFT's saved embedding-layer copies (see [`combine`]): what its updates are
+/// computed from.
+pub fn without_saved_layers(adapter: &Adapter) -> Adapter {
+    let mut a = adapter.clone();
+    a.modules
+        .retain(|m| !matches!(&m.payload, Payload::Replace { tensor } if is_saved_layer(tensor)));
+    a.tensor_names.retain(|t| !is_saved_layer(t));
+    a
+}
+
 /// `Σ wᵢ·Lᵢ·Rᵢ` of low-rank updates (adapter `i`, its update) as one product
 /// `[w₁L₁ | w₂L₂ | …]·[R₁; R₂; …]`: the left factor, the right factor and the inner dimension.
 fn concat_products(
@@ -284,8 +301,19 @@ pub fn combine(
     // Modules in order of first appearance, with every adapter's update of each.
     let mut order: Vec<String> = Vec::new();
     let mut by_module: BTreeMap<String, Vec<(usize, &ModuleDelta)>> = BTreeMap::new();
+    // PEFT's saved embedding layers (copies of the base layer, `*.base_layer.weight`) are not
+    // updates: carried over as PEFT carries them (the last loaded adapter's copy).
+    let mut saved_layers: BTreeMap<String, (&Adapter, String)> = BTreeMap::new();
+    for (adapter, _) in inputs {
+        for t in adapter.tensor_names.iter().filter(|t| is_saved_layer(t)) {
+            saved_layers.insert(t.clone(), (*adapter, t.clone()));
+        }
+    }
     for (i, (adapter, deltas)) in inputs.iter().enumerate() {
         for v in &deltas.vectors {
+            if v.replacement.as_deref().is_some_and(is_saved_layer) {
+                continue;
+            }
             if v.replacement.is_some() {
                 return Err(Error::Options(format!(
                     "{}: {} is replaced whole (modules_to_save / trainable tokens); a replacement cannot be weighted or summed with other adapters",
@@ -469,6 +497,9 @@ pub fn combine(
             "{target}: not the bias of a LoRA module, saved whole (modules_to_save)"
         ));
     }
+    for (name, (adapter, tensor)) in &saved_layers {
+        copy_tensor(adapter, tensor, name, out)?;
+    }
     let cfg = finish_lora(
         out_dims.iter().map(|(m, n)| (m.clone(), (*n, opts.dtype))),
         biases,
@@ -636,6 +667,7 @@ pub fn combine_peft(
     }
     // Only plain LoRA modules: PEFT's LoraModel method.
     let mut modules: Vec<Vec<(&str, &LowRank)>> = Vec::new();
+    let mut saved_layers: BTreeMap<String, (&Adapter, String)> = BTreeMap::new();
     for (adapter, cfg) in inputs {
         if adapter.method != "LORA" {
             return Err(Error::Options(format!(
@@ -656,6 +688,12 @@ pub fn combine_peft(
         let mut ms = Vec::new();
         for m in &adapter.modules {
             match &m.payload {
+                // PEFT saves the embedding layers of an adapter that targets them
+                // (`save_embedding_layers="auto"`) and loads them into the model: the combined
+                // adapter is saved with the model's copy, which is the last loaded adapter's.
+                Payload::Replace { tensor } if is_saved_layer(tensor) => {
+                    saved_layers.insert(tensor.clone(), (adapter, tensor.clone()));
+                }
                 Payload::LowRank(lr) if lr.magnitude.is_none() && lr.singular_values.is_none() => {
                     ms.push((m.module.as_str(), lr))
                 }
@@ -989,6 +1027,9 @@ pub fn combine_peft(
                 out.add_f32(&bn, dtype, b_shape, &b_out)?;
             }
         }
+    }
+    for (name, (adapter, tensor)) in &saved_layers {
+        copy_tensor(adapter, tensor, name, out)?;
     }
     let mut cfg = inputs[0].1.clone();
     if let Some(o) = cfg.as_object_mut() {

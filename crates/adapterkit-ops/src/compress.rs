@@ -356,7 +356,7 @@ pub fn to_lora(
         write_lora(out, &md.module, &md.layer, &f.svd, rank, dtype)?;
         if let Some(m) = md.lora.as_ref().and_then(|lr| lr.magnitude.as_ref()) {
             dora = true;
-            copy(
+            copy_tensor(
                 adapter,
                 m,
                 &format!("{}.lora_magnitude_vector", peft_key(&md.module)),
@@ -385,7 +385,7 @@ pub fn to_lora(
     let mut biases: BTreeMap<String, Vec<f32>> = BTreeMap::new();
     for v in &deltas.vectors {
         if let Some(rep_tensor) = &v.replacement {
-            copy(adapter, rep_tensor, &peft_key(&v.target), out)?;
+            copy_tensor(adapter, rep_tensor, &peft_key(&v.target), out)?;
             if !modules_to_save.contains(&v.module) {
                 modules_to_save.push(v.module.clone());
             }
@@ -525,7 +525,13 @@ pub(crate) fn write_lora_biases(
     Ok(written)
 }
 
-fn copy(adapter: &Adapter, from: &str, to: &str, out: &mut AdapterWriter) -> Result<()> {
+/// Copy tensor `from` of `adapter` byte for byte to `to` in `out`.
+pub(crate) fn copy_tensor(
+    adapter: &Adapter,
+    from: &str,
+    to: &str,
+    out: &mut AdapterWriter,
+) -> Result<()> {
     let info = adapter
         .tensors
         .info(from)

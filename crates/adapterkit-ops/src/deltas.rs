@@ -195,7 +195,7 @@ fn shape_without_base(adapter: &Adapter, payload: &Payload) -> Option<Vec<u64>> 
                 }
             }
         }
-        Payload::Add { tensor, .. } => dims(tensor),
+        Payload::Add { tensor, .. } | Payload::Replace { tensor } => dims(tensor),
         _ => None,
     }
 }
