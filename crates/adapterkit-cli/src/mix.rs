@@ -71,27 +71,16 @@ impl MethodArgs {
 }
 
 /// Parameters from the command line: the same everywhere.
-struct FlatParams {
+struct FlatParams<'a> {
     weights: Vec<f64>,
-    a: MethodArgsValues,
-}
-
-struct MethodArgsValues {
-    density: Option<f64>,
-    gamma: Option<f64>,
-    epsilon: Option<f64>,
-    lambda: Option<f64>,
-    t: Option<f64>,
-    normalize: Option<bool>,
-    rescale: Option<bool>,
-    filter_wise: bool,
+    a: &'a MethodArgs,
 }
 
 fn b(x: Option<bool>) -> Option<f64> {
     x.map(|v| f64::from(u8::from(v)))
 }
 
-impl Params for FlatParams {
+impl Params for FlatParams<'_> {
     fn input(&self, i: usize, key: &str, _tensor: &str) -> Option<f64> {
         match key {
             "weight" => self.weights.get(i).copied(),
@@ -238,7 +227,7 @@ pub fn run(m: MethodArgs, c: Common) -> Result<()> {
         ModelInput,
         Vec<ModelInput>,
         ModelMethod,
-        Box<dyn Params>,
+        Box<dyn Params + '_>,
         Option<DType>,
     ) = if let Some(rp) = &m.recipe {
         if c.base.is_some() || !c.sources.is_empty() || c.weights.is_some() {
@@ -357,19 +346,7 @@ pub fn run(m: MethodArgs, c: Common) -> Result<()> {
             Some(w) => w.clone(),
             None => vec![1.0; inputs.len()],
         };
-        let params = FlatParams {
-            weights,
-            a: MethodArgsValues {
-                density: m.density,
-                gamma: m.gamma,
-                epsilon: m.epsilon,
-                lambda: m.lambda,
-                t: m.t,
-                normalize: m.normalize,
-                rescale: m.rescale,
-                filter_wise: m.filter_wise,
-            },
-        };
+        let params = FlatParams { weights, a: &m };
         (base, inputs, method, Box::new(params), None)
     };
     for i in &inputs {

@@ -24,7 +24,7 @@ use crate::compress::{
     copy_tensor, finish_lora, peft_key, save_whole, write_factors, write_lora, LowRankReport,
     ModuleReport,
 };
-use crate::deltas::{DeltaData, Deltas, ModuleDelta};
+use crate::deltas::{lora_product, DeltaData, Deltas, ModuleDelta};
 use crate::error::{Error, Result};
 use crate::methods::{
     self, DenseRows, InputParams, Majority, PeftKind, Sparsify, TaskSpec, Uniforms,
@@ -135,32 +135,6 @@ fn density(opts: &CombineOptions) -> Result<f64> {
     Ok(d)
 }
 
-fn dense(md: &ModuleDelta) -> Vec<f32> {
-    match &md.data {
-        DeltaData::Dense(d) => d.clone(),
-        DeltaData::Product { l, r, k } => {
-            let (rows, cols, k) = (md.rows, md.cols, *k);
-            let mut out = vec![0f32; rows * cols];
-            for i in 0..rows {
-                let o = &mut out[i * cols..(i + 1) * cols];
-                let mut acc = vec![0f64; cols];
-                for t in 0..k {
-                    let li = l[i * k + t];
-                    if li != 0.0 {
-                        for (a, rv) in acc.iter_mut().zip(&r[t * cols..(t + 1) * cols]) {
-                            *a += li * rv;
-                        }
-                    }
-                }
-                for (x, a) in o.iter_mut().zip(acc) {
-                    *x = a as f32;
-                }
-            }
-            out
-        }
-    }
-}
-
 /// Mix dense task tensors (flat, one per input) by `opts.method`, input `i` of `inputs` being
 /// adapter `idx[i]`. `what` names the tensor (random streams and messages).
 fn mix(
@@ -215,7 +189,7 @@ fn mix(
         tensor: what.to_string(),
         work: None,
     };
-    // Streams are per input position; keep them per adapter by offsetting the seed.
+    // Random streams follow each input's position among the adapters that have this tensor.
     let src = DenseRows {
         tensors: &tensors,
         rows,
@@ -409,7 +383,7 @@ pub fn combine(
                 svd::factor_product(module, &l, &r, rows, k, cols)?
             } else {
                 let idx: Vec<usize> = entries.iter().map(|(i, _)| *i).collect();
-                let tensors: Vec<Vec<f32>> = entries.iter().map(|(_, md)| dense(md)).collect();
+                let tensors: Vec<Vec<f32>> = entries.iter().map(|(_, md)| md.dense()).collect();
                 let mixed = mix(opts, module, &idx, tensors, rows, cols)?;
                 let needed = if exact {
                     None
@@ -976,27 +950,13 @@ pub fn combine_peft(
                         rows.min(cols)
                     )));
                 }
-                let mut deltas = Vec::new();
-                for ((a, b), (_, lr)) in facts.iter().zip(&entries) {
-                    let ri = a.shape[0] as usize;
-                    let mut dw = vec![0f32; rows * cols];
-                    for row in 0..rows {
-                        for t in 0..ri {
-                            let bv = b.values[row * ri + t] as f64;
-                            if bv != 0.0 {
-                                for (o, av) in dw[row * cols..(row + 1) * cols]
-                                    .iter_mut()
-                                    .zip(&a.values[t * cols..(t + 1) * cols])
-                                {
-                                    *o += (bv * *av as f64) as f32;
-                                }
-                            }
-                        }
-                    }
-                    let s = lr.scale as f32;
-                    dw.iter_mut().for_each(|x| *x *= s);
-                    deltas.push(dw);
-                }
+                // get_delta_weight: s·B·A per adapter, in (out, in·k) orientation.
+                let deltas = entries
+                    .iter()
+                    .map(|(i, lr)| {
+                        Ok(lora_product(inputs[*i].0, module, module, Vec::new(), lr)?.dense())
+                    })
+                    .collect::<Result<Vec<_>>>()?;
                 let idx: Vec<usize> = entries.iter().map(|(i, _)| *i).collect();
                 let ws: Vec<f64> = idx.iter().map(|&i| opts.weights[i]).collect();
                 let streams: Vec<Uniforms> = idx

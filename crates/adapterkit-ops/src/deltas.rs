@@ -56,6 +56,35 @@ pub struct ModuleDelta {
     pub lora: Option<adapterkit_core::ir::LowRank>,
 }
 
+impl ModuleDelta {
+    /// The dense update, row-major `rows × cols` (built from the factors in f64 if need be).
+    pub fn dense(&self) -> Vec<f32> {
+        match &self.data {
+            DeltaData::Dense(d) => d.clone(),
+            DeltaData::Product { l, r, k } => {
+                let (rows, cols, k) = (self.rows, self.cols, *k);
+                let mut out = vec![0f32; rows * cols];
+                let mut acc = vec![0f64; cols];
+                for (i, row) in out.chunks_exact_mut(cols.max(1)).enumerate().take(rows) {
+                    acc.iter_mut().for_each(|a| *a = 0.0);
+                    for t in 0..k {
+                        let c = l[i * k + t];
+                        if c != 0.0 {
+                            for (a, y) in acc.iter_mut().zip(&r[t * cols..(t + 1) * cols]) {
+                                *a += c * y;
+                            }
+                        }
+                    }
+                    for (o, a) in row.iter_mut().zip(&acc) {
+                        *o = *a as f32;
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
 /// A tensor an adapter changes that is not a weight matrix (a bias, a norm): its update cannot
 /// be a LoRA. `delta` is `None` for replacements (`replacement` names the adapter tensor).
 #[derive(Debug, Clone)]

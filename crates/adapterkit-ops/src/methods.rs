@@ -368,7 +368,6 @@ impl Buffers {
     fn load(
         &mut self,
         src: &dyn Rows,
-        which: Option<usize>,
         row0: usize,
         n: usize,
         cols: usize,
@@ -377,9 +376,6 @@ impl Buffers {
         let len = n * cols;
         src.base(row0, n, &mut self.base[..len])?;
         for i in 0..src.inputs() {
-            if which.is_some_and(|w| w != i) {
-                continue;
-            }
             let d = &mut self.deltas[i][..len];
             src.input(i, row0, n, d)?;
             for (x, b) in d.iter_mut().zip(&self.base[..len]) {
@@ -514,7 +510,7 @@ pub fn task_arithmetic(
         let mut order = Vec::new();
         let mut keep = Vec::new();
         for (r0, n) in chunks.iter() {
-            buf.load(src, None, r0, n, cols, spec.work)?;
+            buf.load(src, r0, n, cols, spec.work)?;
             let len = n * cols;
             for i in 0..inputs {
                 let d = &buf.deltas[i][..len];
@@ -555,7 +551,7 @@ pub fn task_arithmetic(
                 r.end_pass1();
             }
             for (r0, n) in chunks.iter() {
-                buf.load(src, None, r0, n, cols, spec.work)?;
+                buf.load(src, r0, n, cols, spec.work)?;
                 for (r, d) in radix.iter_mut().zip(&buf.deltas) {
                     if let Some(r) = r.as_mut() {
                         r.pass2(&d[..n * cols]);
@@ -614,7 +610,7 @@ pub fn task_arithmetic(
     };
     let lambda = spec.lambda as f32;
     for (r0, n) in chunks.iter() {
-        buf.load(src, None, r0, n, cols, spec.work)?;
+        buf.load(src, r0, n, cols, spec.work)?;
         let len = n * cols;
         let first = (r0 * cols) as u64;
         for i in 0..inputs {
@@ -869,7 +865,7 @@ pub fn model_stock(
     let mut norms = vec![vec![0f64; inputs]; groups];
     let mut dots = vec![vec![0f64; pairs.len()]; groups];
     for (r0, n) in chunks.iter() {
-        buf.load(src, None, r0, n, cols, None)?;
+        buf.load(src, r0, n, cols, None)?;
         for rr in 0..n {
             let g = if filter_wise { r0 + rr } else { 0 };
             let s = rr * cols..(rr + 1) * cols;
@@ -910,10 +906,12 @@ pub fn model_stock(
         .collect();
     let mut out = vec![0f32; cap];
     let mut x = vec![0f32; cap];
+    let mut sum = vec![0f64; cap];
     for (r0, n) in chunks.iter() {
         let len = n * cols;
         src.base(r0, n, &mut buf.base[..len])?;
-        let mut avg = vec![0f64; len];
+        let avg = &mut sum[..len];
+        avg.iter_mut().for_each(|a| *a = 0.0);
         for i in 0..inputs {
             src.input(i, r0, n, &mut x[..len])?;
             for (a, v) in avg.iter_mut().zip(&x[..len]) {

@@ -19,6 +19,7 @@ use adapterkit_core::{DType, TensorInfo, TensorSource};
 use adapterkit_formats::Checkpoint;
 
 use crate::apply::{apply_ops, prepare, Prepared};
+use crate::deltas::looks_like_embedding;
 use crate::error::{Error, Problem, Result};
 use crate::execute::{
     bytes_of, run_parallel, ExecOptions, MergeReport, OutTensor, Output, Staging,
@@ -197,6 +198,9 @@ pub struct ModelMergeOptions<'a> {
 
 /// One tensor's reader for one model: rows decoded to f32 with the model's adapters applied.
 struct Reader<'a> {
+    /// Byte and f32 scratch reused across reads (one thread reads a tensor; the lock is
+    /// uncontended).
+    scratch: Mutex<(Vec<u64>, Vec<f32>)>,
     work: Option<DType>,
     src: &'a dyn TensorSource,
     info: &'a TensorInfo,
@@ -214,6 +218,7 @@ impl<'a> Reader<'a> {
     ) -> Result<Self> {
         let info = m.info(name).expect("validated");
         let mut r = Reader {
+            scratch: Mutex::default(),
             work,
             src: &m.checkpoint,
             info,
@@ -248,12 +253,13 @@ impl<'a> Reader<'a> {
         let dt = self.info.dtype;
         let len = dt.byte_len((n * cols) as u64).expect("validated") as usize;
         let off = dt.byte_len((row0 * cols) as u64).expect("validated");
-        let mut bytes = Vec::new();
-        let buf = bytes_of(&mut bytes, len);
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let (bytes, tmp) = &mut *scratch;
+        let buf = bytes_of(bytes, len);
         self.src.read_bytes(&self.info.name, off, buf)?;
         decode_to_f32(dt, buf, out)?;
         if let Some(ops) = &self.ops {
-            apply_ops(out, row0, cols, ops, &mut Vec::new());
+            apply_ops(out, row0, cols, ops, tmp);
         }
         methods::round_to(self.work, out);
         Ok(())
@@ -282,11 +288,9 @@ impl Rows for TensorRows<'_> {
     }
 }
 
+/// An embedding table or output head: where differing vocabularies show.
 fn is_embedding_like(name: &str) -> bool {
-    name.contains("embed")
-        || name.contains("lm_head")
-        || name.contains("wte")
-        || name.ends_with("output.weight")
+    looks_like_embedding(name.strip_suffix(".weight").unwrap_or(name)) || name.contains("lm_head")
 }
 
 /// Check that every input has every base tensor with the base's shape, and nothing more.
