@@ -100,7 +100,15 @@ pub fn run(a: CombineArgs) -> Result<()> {
     let majority = majority(&a.majority)?;
     let dtype = factor_dtype(&a.dtype)?.unwrap_or(DType::F32);
     let base = open_base(a.base.as_deref())?;
-    let opened = crate::open_adapters(&a.adapters, base.as_ref().and_then(model_type))?;
+    let names = base
+        .as_ref()
+        .map(adapterkit_formats::base_names::BaseNames::from_checkpoint);
+    let opened = crate::open_adapters(
+        &a.adapters,
+        base.as_ref().and_then(model_type),
+        None,
+        names.as_ref(),
+    )?;
     let started = std::time::Instant::now();
     match a.compat.as_deref() {
         Some("peft") => {

@@ -5,6 +5,8 @@ use std::path::Path;
 
 use adapterkit_core::ir::{LayerKind, Payload};
 use adapterkit_core::TensorInfo;
+use adapterkit_formats::convert;
+use adapterkit_formats::gguf::GgufFile;
 use adapterkit_formats::{peft, safetensors::SafetensorsFile, Checkpoint};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
@@ -41,13 +43,46 @@ fn dtype_summary<'a>(
 }
 
 fn is_adapter_dir(path: &Path) -> bool {
-    path.is_dir() && peft::resolve_dir(path).is_ok()
+    if path.is_dir() {
+        return peft::resolve_dir(path).is_ok() || convert::detect(path).is_ok();
+    }
+    if GgufFile::sniff(path) {
+        return GgufFile::open(path).is_ok_and(|g| adapterkit_formats::gguf_lora::is_adapter(&g));
+    }
+    path.is_file() && convert::detect(path).is_ok()
+}
+
+/// A GGUF model: architecture, metadata and tensors by type.
+fn describe_gguf(path: &Path) -> Result<Value> {
+    let g = GgufFile::open(path)?;
+    let mut types: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for t in g.tensors() {
+        let e = types.entry(t.ggml_type.name().to_string()).or_default();
+        e.0 += 1;
+        e.1 += t.len;
+    }
+    Ok(json!({
+        "kind": "model",
+        "path": path,
+        "format": "gguf",
+        "gguf_version": g.version(),
+        "architecture": g.get_str("general.architecture"),
+        "name": g.get_str("general.name"),
+        "metadata_count": g.metadata().len(),
+        "alignment": g.alignment(),
+        "tensor_count": g.tensors().len(),
+        "parameters": g.tensors().iter().map(|t| t.numel()).sum::<u64>(),
+        "size_bytes": g.tensors().iter().map(|t| t.len).sum::<u64>(),
+        "ggml_types": types.iter().map(|(k, (n, b))| (k.clone(), json!({"tensors": n, "bytes": b}))).collect::<BTreeMap<_, _>>(),
+    }))
 }
 
 /// Run `inspect` on `path`.
 pub fn run(path: &Path, as_json: bool) -> Result<()> {
     let v = if is_adapter_dir(path) {
         describe_adapter(path)?
+    } else if path.is_file() && GgufFile::sniff(path) {
+        describe_gguf(path)?
     } else {
         describe_base(path)?
     };
@@ -60,12 +95,26 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
 }
 
 fn describe_adapter(path: &Path) -> Result<Value> {
-    let dir = peft::resolve_dir(path)?;
-    match peft::open(&dir) {
+    let format = convert::detect(path)?;
+    let (dir, opened) = if format == convert::AdapterFormat::Peft {
+        let dir = peft::resolve_dir(path)?;
+        let o = peft::open(&dir);
+        (dir, o)
+    } else {
+        (path.to_path_buf(), convert::open(path, Some(format), None))
+    };
+    match opened {
         Ok(pa) => {
             let ad = &pa.adapter;
-            let file = SafetensorsFile::open(&ad.path)?;
-            let (dtypes, params, bytes) = dtype_summary(file.tensors().iter());
+            let infos: Vec<TensorInfo> = if format == convert::AdapterFormat::Peft {
+                SafetensorsFile::open(&ad.path)?.tensors().to_vec()
+            } else {
+                ad.tensor_names
+                    .iter()
+                    .filter_map(|n| ad.tensors.info(n).cloned())
+                    .collect()
+            };
+            let (dtypes, params, bytes) = dtype_summary(infos.iter());
             let mut modules = Vec::new();
             let mut groups: BTreeMap<String, BTreeMap<&str, BTreeMap<String, u64>>> =
                 BTreeMap::new();
@@ -153,7 +202,7 @@ fn describe_adapter(path: &Path) -> Result<Value> {
                 "notes": ad.notes,
                 "groups": group_json,
                 "modules": modules,
-                "tensor_count": file.tensors().len(),
+                "tensor_count": infos.len(),
                 "parameters": params,
                 "size_bytes": bytes,
                 "dtypes": dtypes.iter().map(|(k, (n, _))| (k.clone(), *n)).collect::<BTreeMap<_, _>>(),

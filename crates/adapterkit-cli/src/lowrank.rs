@@ -141,16 +141,35 @@ pub struct ExtractArgs {
 /// `convert` arguments.
 #[derive(clap::Args, Debug)]
 pub struct ConvertArgs {
-    /// The adapter directory to convert.
+    /// The adapter to convert (any supported format).
     pub adapter: PathBuf,
-    /// Output adapter directory.
+    /// Output: a directory (peft, mlx, diffusers) or a file (kohya, lycoris: .safetensors;
+    /// gguf: .gguf; diffusers also takes a .safetensors file).
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Write the adapter in this format.
+    #[arg(long, value_parser = ["peft", "kohya", "lycoris", "diffusers", "gguf", "mlx"], conflicts_with = "to_family", required_unless_present = "to_family")]
+    pub to: Option<String>,
+    /// Read the input as this format instead of detecting it.
+    #[arg(long, value_parser = ["peft", "kohya", "lycoris", "diffusers", "gguf", "mlx"])]
+    pub from: Option<String>,
+    /// With --to gguf: the llama.cpp architecture (llama, qwen2, …) when --base does not say;
+    /// with --to diffusers: the component for modules without one (unet, transformer, …).
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// With --to and --base: convert only the modules of this pipeline component (unet,
+    /// transformer, text_encoder, …).
+    #[arg(long, requires = "base")]
+    pub component: Option<String>,
     /// Turn the adapter into this family (by an SVD of each module's update).
     #[arg(long, value_parser = ["lora"])]
-    pub to_family: String,
-    /// The base checkpoint: needed when a module's update depends on the base weight (OFT,
-    /// BOFT, HRA, IA3, DoRA in other families…) or its shape is not recorded.
+    pub to_family: Option<String>,
+    /// The base model. With --to: the model the adapter was trained on, whose module names
+    /// resolve kohya/LyCORIS flattened names and Flux's fused projections, and whose config gives
+    /// GGUF's architecture and head counts (a model directory, a diffusers pipeline directory, a
+    /// .safetensors or a .gguf file). With --to-family: needed when a module's update depends on
+    /// the base weight (OFT, BOFT, HRA, IA3, DoRA in other families…) or its shape is not
+    /// recorded.
     #[arg(long)]
     pub base: Option<PathBuf>,
     #[command(flatten)]
@@ -378,6 +397,9 @@ pub fn same(a: &Path, b: &Path) -> bool {
 
 /// `adapterkit convert --to-family lora`.
 pub fn run_convert(a: ConvertArgs) -> Result<()> {
+    if let Some(to) = a.to.clone() {
+        return run_convert_format(a, &to);
+    }
     let policy = a.rank.policy(Some(RankRule::MaxError(1e-6)))?;
     let dtype = factor_dtype(&a.dtype)?.unwrap_or(DType::F32);
     let mut pa =
@@ -578,6 +600,63 @@ pub fn run_spectrum(
     }
     if let Some(p) = plot_path {
         println!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+/// `convert --to FORMAT`: read any format into the IR and write it as another.
+fn run_convert_format(a: ConvertArgs, to: &str) -> Result<()> {
+    use adapterkit_formats::base_names::BaseNames;
+    use adapterkit_formats::convert::{self, AdapterFormat, WriteOptions};
+    let to = AdapterFormat::from_name(to).expect("clap checked");
+    let from = crate::parse_format(a.from.as_deref())?;
+    if same(&a.output, &a.adapter) {
+        bail!("{}: the output cannot be the input", a.output.display());
+    }
+    let mut names = a
+        .base
+        .as_deref()
+        .map(|p| BaseNames::open(p).with_context(|| format!("opening base {}", p.display())))
+        .transpose()?;
+    if let (Some(n), Some(c)) = (names.as_mut(), &a.component) {
+        n.only = Some(c.clone());
+    }
+    let pa = convert::open(&a.adapter, from, names.as_ref())
+        .with_context(|| format!("opening {}", a.adapter.display()))?;
+    for n in &pa.adapter.notes {
+        eprintln!("note: {}: {n}", a.adapter.display());
+    }
+    let written = convert::write(
+        &pa.adapter,
+        to,
+        &a.output,
+        &WriteOptions {
+            overwrite: a.force,
+            base: names,
+            arch: a.arch.clone(),
+        },
+    )?;
+    for n in &written.notes {
+        eprintln!("note: {n}");
+    }
+    if a.json {
+        let v = serde_json::json!({
+            "from": pa.adapter.format,
+            "to": to.name(),
+            "modules": pa.adapter.modules.len(),
+            "files": written.files,
+            "notes": written.notes,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "converted {} ({}, {} modules) to {} {}",
+            a.adapter.display(),
+            pa.adapter.format,
+            pa.adapter.modules.len(),
+            to,
+            a.output.display()
+        );
     }
     Ok(())
 }

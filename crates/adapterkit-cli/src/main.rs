@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use adapterkit_core::DType;
+use adapterkit_formats::base_names::BaseNames;
+use adapterkit_formats::convert::{self, AdapterFormat};
 use adapterkit_formats::{peft, Checkpoint};
 use adapterkit_ops::{Direction, ExecOptions, OutDType, Output, Sharding, WeightedAdapter};
 use anyhow::{bail, Context, Result};
@@ -79,7 +81,8 @@ struct MergeArgs {
     /// Base checkpoint (for `unmerge`: the merged checkpoint): a Hugging Face model directory or
     /// a .safetensors file.
     base: Option<PathBuf>,
-    /// PEFT adapter directories (adapter_config.json + adapter_model.safetensors); with
+    /// Adapters in any supported format (PEFT directories, kohya/LyCORIS/diffusers .safetensors,
+    /// GGUF LoRA files, mlx-lm directories; detected from content); with
     /// --method, the models to merge (checkpoints, adapters, or MODEL+ADAPTER).
     adapters: Vec<PathBuf>,
     /// Output: a directory laid out like the base, or a single file ending in .safetensors.
@@ -115,6 +118,15 @@ struct MergeArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Read every adapter as this format instead of detecting it (peft, kohya, lycoris,
+    /// diffusers, gguf, mlx).
+    #[arg(long)]
+    from: Option<String>,
+    /// Merge only the modules of this pipeline component (unet, transformer, text_encoder,
+    /// text_encoder_2, text_encoder_3) of adapters that cover several, into a base that is that
+    /// component alone.
+    #[arg(long)]
+    component: Option<String>,
     #[command(flatten)]
     methods: mix::MethodArgs,
 }
@@ -230,7 +242,7 @@ fn run_merge(mut a: MergeArgs, direction: Direction) -> Result<()> {
             }
         );
     }
-    let weights = match a.weights {
+    let weights = match a.weights.clone() {
         Some(w) if w.len() != a.adapters.len() => {
             bail!(
                 "--weights has {} value(s) but {} adapter(s) were given",
@@ -241,6 +253,22 @@ fn run_merge(mut a: MergeArgs, direction: Direction) -> Result<()> {
         Some(w) => w,
         None => vec![1.0; a.adapters.len()],
     };
+    if let Some(p) = a.adapters.iter().find(|p| lowrank::same(&a.output, p)) {
+        bail!(
+            "{}: the output cannot be an input (adapter {})",
+            a.output.display(),
+            p.display()
+        );
+    }
+    if base_path.is_file() && adapterkit_formats::gguf::GgufFile::sniff(&base_path) {
+        return merge_into_gguf(&a, &base_path, weights, direction, &opts);
+    }
+    if base_path.is_dir() {
+        let names = BaseNames::open(&base_path)?;
+        if names.is_pipeline() {
+            return merge_pipeline(&a, &base_path, names, weights, direction, out_dtype, &opts);
+        }
+    }
     let base = Checkpoint::open(&base_path)
         .with_context(|| format!("opening base {}", base_path.display()))?;
     if let Some(p) = a.adapters.iter().find(|p| lowrank::same(&a.output, p)) {
@@ -254,14 +282,21 @@ fn run_merge(mut a: MergeArgs, direction: Direction) -> Result<()> {
         .config()
         .and_then(|c| c.get("model_type"))
         .and_then(|v| v.as_str());
-    let adapters: Vec<WeightedAdapter> = open_adapters(&a.adapters, model_type)?
-        .into_iter()
-        .zip(weights)
-        .map(|(pa, weight)| WeightedAdapter {
-            adapter: pa.adapter,
-            weight,
-        })
-        .collect();
+    let mut names = BaseNames::from_checkpoint(&base);
+    names.only = a.component.clone();
+    let adapters: Vec<WeightedAdapter> = open_adapters(
+        &a.adapters,
+        model_type,
+        parse_format(a.from.as_deref())?,
+        Some(&names),
+    )?
+    .into_iter()
+    .zip(weights)
+    .map(|(pa, weight)| WeightedAdapter {
+        adapter: pa.adapter,
+        weight,
+    })
+    .collect();
     let started = std::time::Instant::now();
     let plan = adapterkit_ops::plan_direction(
         base.root(),
@@ -310,16 +345,238 @@ fn run_merge(mut a: MergeArgs, direction: Direction) -> Result<()> {
     Ok(())
 }
 
+/// The part of `adapter` that lands in pipeline component `comp`, with the component prefix
+/// taken off the module names.
+fn restrict(adapter: &adapterkit_core::ir::Adapter, comp: &str) -> adapterkit_core::ir::Adapter {
+    let prefix = format!("{comp}.");
+    let mut out = adapter.clone();
+    out.modules = adapter
+        .modules
+        .iter()
+        .filter_map(|m| {
+            let module = m.module.strip_prefix(&prefix)?.to_string();
+            let target = m.target.strip_prefix(&prefix)?.to_string();
+            Some(adapterkit_core::ir::ModuleAdapter {
+                module,
+                target,
+                ..m.clone()
+            })
+        })
+        .collect();
+    // The reader checked that every tensor of the file is understood; each component's plan
+    // checks its own modules' tensors.
+    let used: std::collections::BTreeSet<&str> = out
+        .modules
+        .iter()
+        .flat_map(|m| m.payload.tensors())
+        .collect();
+    out.tensor_names = used.iter().map(|s| s.to_string()).collect();
+    out
+}
+
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for e in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let e = e?;
+        let dst = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_tree(&e.path(), &dst)?;
+        } else {
+            std::fs::copy(e.path(), &dst)
+                .with_context(|| format!("copying {} to {}", e.path().display(), dst.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `merge` into a diffusers pipeline directory: each component an adapter touches (`unet/`,
+/// `transformer/`, `text_encoder/`, …) is merged like a checkpoint; everything else is copied.
+#[allow(clippy::too_many_arguments)]
+fn merge_pipeline(
+    a: &MergeArgs,
+    base_path: &std::path::Path,
+    names: BaseNames,
+    weights: Vec<f64>,
+    direction: Direction,
+    out_dtype: OutDType,
+    opts: &ExecOptions,
+) -> Result<()> {
+    if a.output.exists() && !a.force {
+        bail!("{}: exists; pass --force to replace it", a.output.display());
+    }
+    let opened = open_adapters(
+        &a.adapters,
+        None,
+        parse_format(a.from.as_deref())?,
+        Some(&names),
+    )?;
+    let parent = a
+        .output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    let staging = tempfile::Builder::new()
+        .prefix(".adapterkit-")
+        .tempdir_in(parent)?;
+    let mut touched = 0;
+    let mut changed = 0;
+    for e in std::fs::read_dir(base_path)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().to_string();
+        let dst = staging.path().join(&name);
+        let is_comp = names.component(&name).is_some();
+        let parts: Vec<WeightedAdapter> = if is_comp {
+            opened
+                .iter()
+                .zip(&weights)
+                .map(|(pa, w)| WeightedAdapter {
+                    adapter: restrict(&pa.adapter, &name),
+                    weight: *w,
+                })
+                .filter(|wa| !wa.adapter.modules.is_empty())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if parts.is_empty() {
+            if e.file_type()?.is_dir() {
+                copy_tree(&e.path(), &dst)?;
+            } else {
+                std::fs::copy(e.path(), &dst)?;
+            }
+            continue;
+        }
+        let ck = Checkpoint::open(e.path())?;
+        let plan = adapterkit_ops::plan_direction(
+            ck.root(),
+            &ck,
+            ck.tensors(),
+            parts,
+            out_dtype,
+            direction,
+        )?;
+        let output = Output {
+            path: dst,
+            sharding: Sharding::Preserve,
+            in_place: false,
+            overwrite: false,
+        };
+        let rep = adapterkit_ops::execute(&ck, &plan, &output, opts)?;
+        touched += 1;
+        changed += rep.merged;
+    }
+    let total: usize = opened.iter().map(|pa| pa.adapter.modules.len()).sum();
+    if a.output.exists() {
+        std::fs::remove_dir_all(&a.output)?;
+    }
+    let kept = staging.keep();
+    std::fs::rename(&kept, &a.output)
+        .with_context(|| format!("moving the result into {}", a.output.display()))?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "output": a.output, "components_merged": touched, "tensors_changed": changed, "modules": total,
+            }))?
+        );
+    } else {
+        println!(
+            "merged {} adapter(s) ({total} modules) into {}: {touched} component(s), {changed} tensors changed",
+            a.adapters.len(),
+            a.output.display()
+        );
+    }
+    Ok(())
+}
+
+/// `merge` into a GGUF model: adapters (GGUF LoRA files keep their GGUF names; others are
+/// mapped through the architecture's table) merged into a GGUF file.
+fn merge_into_gguf(
+    a: &MergeArgs,
+    base_path: &std::path::Path,
+    weights: Vec<f64>,
+    direction: Direction,
+    opts: &ExecOptions,
+) -> Result<()> {
+    if direction == Direction::Unmerge {
+        bail!(
+            "unmerge works on safetensors checkpoints; {} is GGUF",
+            base_path.display()
+        );
+    }
+    if a.output.extension().is_none_or(|e| e != "gguf") {
+        bail!(
+            "{}: a GGUF base is merged into a GGUF file; name the output *.gguf",
+            a.output.display()
+        );
+    }
+    let file = Arc::new(
+        adapterkit_formats::gguf::GgufFile::open(base_path)
+            .with_context(|| format!("opening base {}", base_path.display()))?,
+    );
+    if adapterkit_formats::gguf_lora::is_adapter(&file) {
+        bail!("{}: is a GGUF adapter, not a model", base_path.display());
+    }
+    let names = BaseNames::open(base_path)?;
+    let opened = open_adapters(
+        &a.adapters,
+        None,
+        parse_format(a.from.as_deref())?,
+        Some(&names),
+    )?;
+    let arch = file
+        .get_str("general.architecture")
+        .unwrap_or("")
+        .to_string();
+    let mut adapters = Vec::new();
+    for (mut pa, weight) in opened.into_iter().zip(weights) {
+        adapterkit_formats::gguf_lora::to_gguf_names(&mut pa.adapter, &arch, &names)?;
+        adapters.push(WeightedAdapter {
+            adapter: pa.adapter,
+            weight,
+        });
+    }
+    let started = std::time::Instant::now();
+    let rep = adapterkit_ops::gguf_merge::merge_gguf(file, adapters, &a.output, a.force, opts)?;
+    let secs = started.elapsed().as_secs_f64();
+    for w in &rep.widened {
+        eprintln!("note: {w}: a quantized target, dequantized, merged and written as F16 (as llama.cpp's export-lora does)");
+    }
+    let r = &rep.report;
+    if a.json {
+        let v = serde_json::json!({
+            "output": a.output, "files": r.files, "tensors": r.tensors, "merged": r.merged,
+            "copied": r.copied, "bytes": r.bytes, "seconds": secs, "widened_to_f16": rep.widened,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "merged {} adapter(s) into {}: {} tensors ({} changed, {} copied), {} in {:.2}s",
+            a.adapters.len(),
+            a.output.display(),
+            r.tensors,
+            r.merged,
+            r.copied,
+            inspect::human_bytes(r.bytes),
+            secs
+        );
+    }
+    Ok(())
+}
+
 /// Open PEFT adapters, reading GPT-2 `Conv1D` layouts for `model_type` as PEFT does and printing
 /// each adapter's notes; every adapter that cannot be read is reported at once.
 pub(crate) fn open_adapters(
     paths: &[PathBuf],
     model_type: Option<&str>,
+    from: Option<AdapterFormat>,
+    base: Option<&BaseNames>,
 ) -> Result<Vec<peft::PeftAdapter>> {
     let mut opened = Vec::new();
     let mut errors = Vec::new();
     for p in paths {
-        match peft::open(p) {
+        match convert::open(p, from, base) {
             Ok(mut pa) => {
                 let fixed = adapterkit_ops::plan::conv1d_layout(&mut pa.adapter, model_type);
                 pa.adapter.notes.extend(fixed);
@@ -339,6 +596,19 @@ pub(crate) fn open_adapters(
         );
     }
     Ok(opened)
+}
+
+/// `--from FORMAT`: force an adapter format instead of detecting it.
+pub(crate) fn parse_format(s: Option<&str>) -> Result<Option<AdapterFormat>> {
+    s.map(|f| {
+        AdapterFormat::from_name(f).with_context(|| {
+            format!(
+                "--from {f:?}: expected one of {}",
+                AdapterFormat::ALL.map(|f| f.name()).join(", ")
+            )
+        })
+    })
+    .transpose()
 }
 
 /// Run `work` with a progress line on stderr (when it is a terminal and `show` is set), fed by the

@@ -154,9 +154,11 @@ fn input(model: &Path, adapter: Option<&Path>, label: String) -> Result<ModelInp
     let adapters = match adapter {
         None => None,
         Some(a) => {
-            let pa = crate::open_adapters(&[a.to_path_buf()], model_type(&ckpt))?
-                .pop()
-                .expect("one adapter");
+            let names = adapterkit_formats::base_names::BaseNames::from_checkpoint(&ckpt);
+            let pa =
+                crate::open_adapters(&[a.to_path_buf()], model_type(&ckpt), None, Some(&names))?
+                    .pop()
+                    .expect("one adapter");
             let plan = adapterkit_ops::plan(
                 ckpt.root(),
                 &ckpt,

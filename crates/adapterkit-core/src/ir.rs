@@ -43,6 +43,8 @@ pub enum Family {
     Miss,
     /// VB-LoRA: low-rank factors assembled from a shared vector bank.
     VbLora,
+    /// A full (dense) difference of the weights (LyCORIS `full`, task vectors).
+    Full,
     /// One of PEFT's newer tuners (RandLoRA, SHiRA, C3A, RoAd, DeLoRA, GraLoRA, PVeRA, BEFT,
     /// UniLoRA, HiRA), by its lowercase PEFT type.
     Tuner(&'static str),
@@ -66,6 +68,7 @@ impl Family {
             Family::Boft => "boft",
             Family::Miss => "miss",
             Family::VbLora => "vblora",
+            Family::Full => "full",
             Family::Tuner(name) => name,
         }
     }

@@ -151,6 +151,25 @@ pub enum Error {
         /// What is wrong, naming the key.
         message: String,
     },
+    /// A GGUF file that breaks the format's rules (or adapterkit's caps on it).
+    #[error("{path}: invalid GGUF: {message}")]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the key or tensor.
+        message: String,
+    },
+    /// An adapter in one of the ecosystem formats (kohya, LyCORIS, diffusers, GGUF LoRA, MLX)
+    /// that cannot be read or written as asked.
+    #[error("{path}: {format}: {message}")]
+    Format {
+        /// The file or directory.
+        path: PathBuf,
+        /// The format involved ("kohya", "mlx", …).
+        format: &'static str,
+        /// What is wrong, naming the tensor, key or module.
+        message: String,
+    },
     /// A tensor could not be converted.
     #[error(transparent)]
     Core(#[from] adapterkit_core::Error),

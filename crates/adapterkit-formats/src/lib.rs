@@ -14,10 +14,20 @@
 //! This crate does layout only; arithmetic lives in `adapterkit-ops`.
 
 pub mod adapter_writer;
+pub mod base_names;
 pub mod checkpoint;
+pub mod convert;
+pub mod diffusers;
 pub mod error;
+pub mod flux;
+pub mod gguf;
+pub mod gguf_lora;
+pub mod kohya;
+pub mod memory;
+pub mod mlx;
 pub mod peft;
 pub mod peft_families;
+pub mod quants;
 pub mod recipe;
 pub mod safetensors;
 

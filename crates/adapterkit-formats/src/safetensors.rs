@@ -115,6 +115,10 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
                 tensor: name.clone(),
             });
         }
+        if name == "__metadata__" && value.is_null() {
+            // The Rust safetensors crate reads `null` as no metadata, and mlx writes it.
+            continue;
+        }
         if name == "__metadata__" {
             let obj = value
                 .as_object()

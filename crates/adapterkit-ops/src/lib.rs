@@ -13,6 +13,7 @@ pub mod error;
 pub mod execute;
 pub mod extract;
 pub mod families;
+pub mod gguf_merge;
 pub mod kernels;
 pub mod methods;
 pub mod model_merge;

@@ -1,0 +1,806 @@
+//! kohya-ss sd-scripts and LyCORIS adapter files: one `.safetensors` of
+//! `<prefix><flattened module>.<suffix>` keys (spec: `formats/kohya.md`, `formats/lycoris.md`).
+//!
+//! Module names are resolved against the base's real names ([`BaseNames`]); without a base they
+//! stay flattened, which is enough to inspect, check, and convert between kohya and LyCORIS.
+//! Every key must be understood: an unknown suffix, a missing partner or an algorithm this
+//! version cannot reproduce is an error naming the key, never a skipped tensor.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use adapterkit_core::ir::{
+    Adapter, Family, Hadamard, KronFactor, Kronecker, LayerKind, LowRank, ModuleAdapter, Payload,
+    ScaleAxis,
+};
+use adapterkit_core::{DType, TensorInfo, TensorSource};
+use serde_json::{json, Value};
+
+use crate::base_names::{flatten, unresolved, BaseNames, ModelNames};
+use crate::error::{Error, Result};
+use crate::flux;
+use crate::memory::{scalar, MemorySource};
+use crate::peft::PeftAdapter;
+use crate::safetensors::SafetensorsFile;
+
+/// kohya / LyCORIS prefixes and the diffusers components they belong to, in lookup order.
+/// `lora_te3_` is SD3's third encoder, and Flux's T5 (its pipeline's `text_encoder_2`).
+pub const PREFIXES: &[(&str, &[&str])] = &[
+    ("lora_unet_", &["unet", "transformer"]),
+    ("lora_transformer_", &["transformer"]),
+    ("lora_te1_", &["text_encoder"]),
+    ("lora_te2_", &["text_encoder_2"]),
+    ("lora_te3_", &["text_encoder_3", "text_encoder_2"]),
+    ("lora_te_", &["text_encoder"]),
+    ("lycoris_", &[""]),
+];
+
+/// Prefixes single-file (original layout) checkpoints put in front of a component's names.
+const SINGLE_FILE_PREFIXES: &[(&str, &[&str])] = &[
+    ("lora_unet_", &["model.diffusion_model."]),
+    (
+        "lora_te_",
+        &[
+            "cond_stage_model.transformer.",
+            "text_encoders.clip_l.transformer.",
+        ],
+    ),
+    (
+        "lora_te1_",
+        &[
+            "conditioner.embedders.0.transformer.",
+            "text_encoders.clip_l.transformer.",
+        ],
+    ),
+];
+
+/// Every suffix a kohya or LyCORIS file uses, longest first where one ends another.
+const SUFFIXES: &[&str] = &[
+    "lora_down.weight",
+    "lora_up.weight",
+    "lora_mid.weight",
+    "alpha",
+    "dora_scale",
+    "hada_w1_a",
+    "hada_w1_b",
+    "hada_w2_a",
+    "hada_w2_b",
+    "hada_t1",
+    "hada_t2",
+    "lokr_w1_a",
+    "lokr_w1_b",
+    "lokr_w1",
+    "lokr_w2_a",
+    "lokr_w2_b",
+    "lokr_w2",
+    "lokr_t1",
+    "lokr_t2",
+    "on_input",
+    "diff_b",
+    "diff",
+    "a1.weight",
+    "a2.weight",
+    "b1.weight",
+    "b2.weight",
+    "bm.weight",
+    "oft_blocks",
+    "oft_diag",
+    "rescale",
+    "w_norm",
+    "b_norm",
+    "q_layer.weight",
+    "p_layer.weight",
+    "lambda_layer",
+    "weight",
+    "bias",
+];
+
+/// Whether the keys of a safetensors file look like kohya or LyCORIS (flattened module names with
+/// their suffixes). Returns the format name.
+pub fn sniff(file: &SafetensorsFile) -> Option<&'static str> {
+    let mut kohya = false;
+    let mut lycoris = false;
+    for t in file.tensors() {
+        let (module, suffix) = t.name.split_once('.')?;
+        if !SUFFIXES.contains(&suffix) {
+            return None;
+        }
+        if module.starts_with("lycoris_") {
+            lycoris = true;
+        } else if !PREFIXES.iter().any(|(p, _)| module.starts_with(p)) {
+            return None;
+        }
+        match suffix {
+            "lora_down.weight" | "lora_up.weight" | "alpha" => kohya = true,
+            _ => lycoris = true,
+        }
+    }
+    let algo = file
+        .metadata()
+        .and_then(|m| m.iter().find(|(k, _)| k == "ss_network_module"))
+        .map(|(_, v)| v.as_str());
+    match (kohya, lycoris, algo) {
+        (_, _, Some(m)) if m.starts_with("lycoris") => Some("lycoris"),
+        (_, true, _) => Some("lycoris"),
+        (true, false, _) => Some("kohya"),
+        _ => None,
+    }
+}
+
+/// Split a flattened module name into its prefix and the rest.
+pub fn split_prefix(module: &str) -> Option<(&'static str, &str)> {
+    PREFIXES
+        .iter()
+        .find_map(|(p, _)| module.strip_prefix(p).map(|rest| (*p, rest)))
+}
+
+/// Where a flattened module lands in the base.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Resolved {
+    /// One module: the IR name (`unet.down_blocks.0…` in a pipeline, the bare path otherwise).
+    One(String),
+    /// A fused BFL Flux module split over several diffusers modules: `(IR name, rows)` in order.
+    Split(Vec<(String, u64)>),
+}
+
+fn join(component: &str, module: &str) -> String {
+    if component.is_empty() {
+        module.to_string()
+    } else {
+        format!("{component}.{module}")
+    }
+}
+
+/// Resolve a flattened `prefix + rest` against the base.
+pub(crate) fn resolve(
+    base: &BaseNames,
+    prefix: &str,
+    rest: &str,
+) -> std::result::Result<Resolved, String> {
+    let comps: Vec<(&str, &ModelNames)> = if base.is_pipeline() {
+        let wanted = PREFIXES
+            .iter()
+            .find(|(p, _)| *p == prefix)
+            .map_or(&[][..], |(_, c)| *c);
+        wanted
+            .iter()
+            .filter_map(|c| base.component(c).map(|m| (*c, m)))
+            .collect()
+    } else {
+        base.components
+            .iter()
+            .map(|(c, m)| (c.as_str(), m))
+            .collect()
+    };
+    // transformers 5 saves CLIP without its `text_model.` level, so kohya names of either layout
+    // meet bases of either layout.
+    let alt = if prefix.starts_with("lora_te") {
+        match rest.strip_prefix("text_model_") {
+            Some(r) => Some(r.to_string()),
+            None => Some(format!("text_model_{rest}")),
+        }
+    } else {
+        None
+    };
+    for (c, names) in &comps {
+        for other in alt.iter() {
+            if names.unflatten(rest).is_empty() {
+                if let [one] = names.unflatten(other) {
+                    return Ok(Resolved::One(join(c, one)));
+                }
+            }
+        }
+        match names.unflatten(rest) {
+            [one] => return Ok(Resolved::One(join(c, one))),
+            [] => {}
+            many => {
+                return Err(format!(
+                    "{prefix}{rest} is ambiguous in the base: {}",
+                    many.join(", ")
+                ))
+            }
+        }
+        if c.is_empty() {
+            for (p, stems) in SINGLE_FILE_PREFIXES {
+                if *p != prefix {
+                    continue;
+                }
+                for stem in *stems {
+                    if let [one] = names.unflatten(&format!("{}{rest}", flatten(stem))) {
+                        return Ok(Resolved::One(one.clone()));
+                    }
+                }
+            }
+        }
+        if let Some(parts) = flux::split_for(rest, names) {
+            if let [(m, _)] = parts.as_slice() {
+                if !m.starts_with('~') {
+                    return Ok(Resolved::One(join(c, m)));
+                }
+            }
+            return Ok(Resolved::Split(
+                parts
+                    .into_iter()
+                    .map(|(m, r)| match m.strip_prefix('~') {
+                        Some(m) => (format!("~{}", join(c, m)), r),
+                        None => (join(c, &m), r),
+                    })
+                    .collect(),
+            ));
+        }
+    }
+    Err(format!("{prefix}{rest}"))
+}
+
+fn fmt_err(path: &Path, format: &'static str, message: impl Into<String>) -> Error {
+    Error::Format {
+        path: path.to_path_buf(),
+        format,
+        message: message.into(),
+    }
+}
+
+type Parts<'a> = BTreeMap<&'static str, &'a TensorInfo>;
+
+/// Open a kohya or LyCORIS `.safetensors` adapter, resolving names against `base` when given.
+pub fn open(path: &Path, base: Option<&BaseNames>) -> Result<PeftAdapter> {
+    let file = Arc::new(SafetensorsFile::open_mapped(path)?);
+    let format = sniff(&file).ok_or_else(|| {
+        fmt_err(
+            path,
+            "kohya",
+            "not a kohya or LyCORIS file: every key must be <prefix><flattened module>.<lora_down.weight|lora_up.weight|alpha|hada_*|lokr_*|…>",
+        )
+    })?;
+    let mut groups: BTreeMap<String, Parts> = BTreeMap::new();
+    for t in file.tensors() {
+        let (module, suffix) = t.name.split_once('.').expect("sniffed");
+        let suffix = SUFFIXES
+            .iter()
+            .find(|s| **s == suffix)
+            .copied()
+            .expect("sniffed");
+        groups
+            .entry(module.to_string())
+            .or_default()
+            .insert(suffix, t);
+    }
+    let mut mem = MemorySource::over(file.clone());
+    let mut modules = Vec::new();
+    let mut problems = Vec::new();
+    let mut unresolved_names = Vec::new();
+    let mut shared = Vec::new();
+    let mut notes = Vec::new();
+    let mut left_out = 0usize;
+    for (flat, parts) in &groups {
+        if let (Some(only), Some((prefix, _))) =
+            (base.and_then(|b| b.only.as_deref()), split_prefix(flat))
+        {
+            let comps = PREFIXES
+                .iter()
+                .find(|(p, _)| *p == prefix)
+                .map_or(&[][..], |(_, c)| *c);
+            if !comps.contains(&only) && prefix != "lycoris_" {
+                left_out += 1;
+                continue;
+            }
+        }
+        let built = match build(path, format, flat, parts, &*file, &mut mem) {
+            Ok(b) => b,
+            Err(e) => {
+                problems.push(e);
+                continue;
+            }
+        };
+        let Some(base) = base else {
+            for (suffix, family, payload) in built {
+                modules.push(ModuleAdapter {
+                    module: flat.clone(),
+                    target: format!("{flat}.{suffix}"),
+                    family,
+                    payload,
+                });
+            }
+            continue;
+        };
+        let (prefix, rest) = split_prefix(flat).expect("sniffed");
+        match resolve(base, prefix, rest) {
+            Ok(Resolved::One(m)) => {
+                for (suffix, family, payload) in built {
+                    modules.push(ModuleAdapter {
+                        module: m.clone(),
+                        target: format!("{m}.{suffix}"),
+                        family,
+                        payload,
+                    });
+                }
+            }
+            Ok(Resolved::Split(parts_out)) => {
+                match split_lowrank(flat, built, &parts_out, &mut mem) {
+                    Ok(ms) => {
+                        if let Some(ModuleAdapter {
+                            payload: Payload::LowRank(lr),
+                            ..
+                        }) = ms.first()
+                        {
+                            shared.push(lr.a.clone());
+                        }
+                        notes.push(format!(
+                            "{flat}: fused module split over {}",
+                            parts_out
+                                .iter()
+                                .map(|(m, _)| m.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ));
+                        modules.extend(ms);
+                    }
+                    Err(e) => problems.push(e),
+                }
+            }
+            Err(name) if name.contains("ambiguous") => problems.push(name),
+            Err(name) => unresolved_names.push(name),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(fmt_err(path, format, problems.join("; ")));
+    }
+    if left_out > 0 {
+        notes.push(format!(
+            "{left_out} module(s) of other components left out (--component {})",
+            base.and_then(|b| b.only.as_deref()).unwrap_or("")
+        ));
+    }
+    if let Some(base) = base {
+        if !unresolved_names.is_empty() {
+            return Err(unresolved(path, format, &unresolved_names, &base.path));
+        }
+    } else {
+        notes.push("module names left flattened (no base given to resolve them against)".into());
+    }
+    let metadata: serde_json::Map<String, Value> = file
+        .metadata()
+        .unwrap_or_default()
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    let family = family_of(&modules);
+    let used: BTreeSet<String> = modules
+        .iter()
+        .flat_map(|m| m.payload.tensors().into_iter().map(str::to_string))
+        .collect();
+    let base_model = metadata
+        .get("ss_sd_model_name")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    shared.sort();
+    shared.dedup();
+    Ok(PeftAdapter {
+        dir: path.to_path_buf(),
+        config_json: json!({ "format": format, "metadata": metadata }),
+        adapter: Adapter {
+            path: path.to_path_buf(),
+            format,
+            method: algo_name(family).to_string(),
+            family,
+            base_model,
+            modules,
+            tensors: Arc::new(mem),
+            tensor_names: used.into_iter().collect(),
+            shared_tensors: shared,
+            notes,
+        },
+    })
+}
+
+fn family_of(modules: &[ModuleAdapter]) -> Family {
+    let fams: BTreeSet<Family> = modules.iter().map(|m| m.family).collect();
+    if fams.len() == 1 {
+        *fams.iter().next().expect("one")
+    } else {
+        Family::Lora
+    }
+}
+
+/// LyCORIS's name for a family (`ss_network_args.algo`).
+pub fn algo_name(f: Family) -> &'static str {
+    match f {
+        Family::Loha => "loha",
+        Family::Lokr => "lokr",
+        Family::Ia3 => "ia3",
+        Family::Full => "full",
+        _ => "lora",
+    }
+}
+
+fn layer_kind(t: &TensorInfo) -> LayerKind {
+    if t.shape.len() > 2 {
+        LayerKind::Conv {
+            kernel: t.shape[2..].to_vec(),
+        }
+    } else {
+        LayerKind::Linear {
+            fan_in_fan_out: false,
+        }
+    }
+}
+
+/// `alpha`, with kohya's rule that a missing or zero alpha means `alpha = rank`.
+fn alpha_of(src: &dyn TensorSource, parts: &Parts, rank: u64) -> std::result::Result<f64, String> {
+    match parts.get("alpha") {
+        None => Ok(rank as f64),
+        Some(t) => {
+            let a = scalar(src, &t.name).map_err(|e| format!("{}: {e}", t.name))?;
+            if !a.is_finite() {
+                return Err(format!("{}: alpha is {a}", t.name));
+            }
+            Ok(if a == 0.0 { rank as f64 } else { a })
+        }
+    }
+}
+
+fn expect_keys(flat: &str, parts: &Parts, allowed: &[&str]) -> std::result::Result<(), String> {
+    for k in parts.keys() {
+        if !allowed.contains(k) {
+            return Err(format!(
+                "{flat}.{k}: not part of a {} module",
+                allowed.first().copied().unwrap_or("")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Build a module's payloads: `(target suffix, family, payload)`.
+fn build(
+    path: &Path,
+    format: &'static str,
+    flat: &str,
+    parts: &Parts,
+    src: &dyn TensorSource,
+    mem: &mut MemorySource,
+) -> std::result::Result<Vec<(&'static str, Family, Payload)>, String> {
+    let _ = (path, format);
+    let has = |k: &str| parts.contains_key(k);
+    if has("lora_down.weight") || has("lora_up.weight") {
+        expect_keys(
+            flat,
+            parts,
+            &[
+                "lora_down.weight",
+                "lora_up.weight",
+                "lora_mid.weight",
+                "alpha",
+                "dora_scale",
+            ],
+        )?;
+        let (Some(down), Some(up)) = (parts.get("lora_down.weight"), parts.get("lora_up.weight"))
+        else {
+            return Err(format!(
+                "{flat}: lora_down and lora_up must both be present"
+            ));
+        };
+        let rank = down.shape.first().copied().unwrap_or(0);
+        if rank == 0 || up.shape.len() < 2 || up.shape[1] != rank {
+            return Err(format!(
+                "{flat}: lora_down {:?} and lora_up {:?} do not share a rank",
+                down.shape, up.shape
+            ));
+        }
+        let alpha = alpha_of(src, parts, rank)?;
+        let mut a = down.name.clone();
+        let mut layer = layer_kind(down);
+        if let Some(mid) = parts.get("lora_mid.weight") {
+            // Tucker LoCon: ΔW = up ×₁ mid ×₂ down. Folding the core into the down projection
+            // gives an ordinary conv LoRA of the same rank: A'[p,i,…] = Σ_q mid[p,q,…]·down[q,i].
+            if mid.shape.len() != 4 || mid.shape[0] != rank || mid.shape[1] != rank {
+                return Err(format!(
+                    "{flat}.lora_mid.weight: shape {:?}, expected ({rank}, {rank}, kh, kw)",
+                    mid.shape
+                ));
+            }
+            let m = src.read_f32(&mid.name).map_err(|e| e.to_string())?;
+            let d = src.read_f32(&down.name).map_err(|e| e.to_string())?;
+            let inp = down.shape.get(1).copied().unwrap_or(0) as usize;
+            let k: usize = mid.shape[2..].iter().product::<u64>() as usize;
+            let r = rank as usize;
+            let mut out = vec![0f32; r * inp * k];
+            for p in 0..r {
+                for q in 0..r {
+                    for i in 0..inp {
+                        let dv = d[q * inp + i];
+                        for s in 0..k {
+                            out[(p * inp + i) * k + s] += m[(p * r + q) * k + s] * dv;
+                        }
+                    }
+                }
+            }
+            a = format!("{flat}.lora_down.tucker");
+            let shape = vec![rank, inp as u64, mid.shape[2], mid.shape[3]];
+            mem.insert_f32(&a, DType::F32, shape, &out)
+                .map_err(|e| e.to_string())?;
+            layer = LayerKind::Conv {
+                kernel: mid.shape[2..].to_vec(),
+            };
+        }
+        let magnitude = match parts.get("dora_scale") {
+            None => None,
+            Some(m) => {
+                let out_dim = up.shape[0];
+                if m.shape.first() != Some(&out_dim) || m.numel() != out_dim {
+                    return Err(format!(
+                        "{flat}.dora_scale: shape {:?}; only the output-wise form ({out_dim}, 1, …) (LyCORIS wd_on_out = true, PEFT's DoRA) is supported",
+                        m.shape
+                    ));
+                }
+                let name = format!("{flat}.dora_scale.flat");
+                mem.alias(&name, &m.name, vec![out_dim]);
+                Some(name)
+            }
+        };
+        return Ok(vec![(
+            "weight",
+            Family::Lora,
+            Payload::LowRank(LowRank {
+                layer,
+                a,
+                b: up.name.clone(),
+                rank,
+                alpha,
+                rslora: false,
+                scale: alpha / rank as f64,
+                magnitude,
+                singular_values: None,
+            }),
+        )]);
+    }
+    if has("hada_w1_a") {
+        expect_keys(
+            flat,
+            parts,
+            &[
+                "hada_w1_a",
+                "hada_w1_b",
+                "hada_w2_a",
+                "hada_w2_b",
+                "hada_t1",
+                "hada_t2",
+                "alpha",
+            ],
+        )?;
+        let need = ["hada_w1_b", "hada_w2_a", "hada_w2_b"];
+        if let Some(m) = need.iter().find(|k| !has(k)) {
+            return Err(format!("{flat}: LoHa tensor {m} is missing"));
+        }
+        let cp = match (parts.get("hada_t1"), parts.get("hada_t2")) {
+            (Some(a), Some(b)) => Some((a.name.clone(), b.name.clone())),
+            (None, None) => None,
+            _ => return Err(format!("{flat}: only one of hada_t1/hada_t2 is present")),
+        };
+        let rank = parts["hada_w1_b"].shape[0];
+        let alpha = alpha_of(src, parts, rank)?;
+        return Ok(vec![(
+            "weight",
+            Family::Loha,
+            Payload::Hadamard(Hadamard {
+                w1a: parts["hada_w1_a"].name.clone(),
+                w1b: parts["hada_w1_b"].name.clone(),
+                w2a: parts["hada_w2_a"].name.clone(),
+                w2b: parts["hada_w2_b"].name.clone(),
+                cp,
+                rank,
+                alpha,
+                scale: alpha / rank as f64,
+            }),
+        )]);
+    }
+    if has("lokr_w1") || has("lokr_w1_a") || has("lokr_w2") || has("lokr_w2_a") {
+        expect_keys(
+            flat,
+            parts,
+            &[
+                "lokr_w1",
+                "lokr_w1_a",
+                "lokr_w1_b",
+                "lokr_w2",
+                "lokr_w2_a",
+                "lokr_w2_b",
+                "lokr_t2",
+                "alpha",
+            ],
+        )?;
+        let name = |k: &str| parts.get(k).map(|t| t.name.clone());
+        let w1 = match (name("lokr_w1"), name("lokr_w1_a"), name("lokr_w1_b")) {
+            (Some(w), None, None) => KronFactor::Full(w),
+            (None, Some(a), Some(b)) => KronFactor::Product { a, b },
+            _ => {
+                return Err(format!(
+                    "{flat}: LoKr needs lokr_w1, or lokr_w1_a and lokr_w1_b"
+                ))
+            }
+        };
+        let w2 = match (
+            name("lokr_w2"),
+            name("lokr_w2_a"),
+            name("lokr_w2_b"),
+            name("lokr_t2"),
+        ) {
+            (Some(w), None, None, None) => KronFactor::Full(w),
+            (None, Some(a), Some(b), None) => KronFactor::Product { a, b },
+            (None, Some(a), Some(b), Some(t)) => KronFactor::Tucker { t, a, b },
+            _ => {
+                return Err(format!(
+                    "{flat}: LoKr needs lokr_w2, lokr_w2_a and lokr_w2_b, or those with lokr_t2"
+                ))
+            }
+        };
+        let full = matches!(w1, KronFactor::Full(_)) && matches!(w2, KronFactor::Full(_));
+        let rank = parts
+            .get("lokr_w1_b")
+            .or_else(|| parts.get("lokr_w2_b"))
+            .map_or(1, |t| t.shape[0]);
+        let alpha = alpha_of(src, parts, rank)?;
+        // LyCORIS: with both factors full there is no rank, and the scale is 1 whatever alpha says.
+        let scale = if full { 1.0 } else { alpha / rank as f64 };
+        return Ok(vec![(
+            "weight",
+            Family::Lokr,
+            Payload::Kronecker(Kronecker {
+                w1,
+                w2,
+                rank,
+                alpha,
+                scale,
+            }),
+        )]);
+    }
+    if has("on_input") {
+        expect_keys(flat, parts, &["weight", "on_input"])?;
+        let Some(w) = parts.get("weight") else {
+            return Err(format!("{flat}: IA3 module without weight"));
+        };
+        let on_input = scalar(src, &parts["on_input"].name).map_err(|e| e.to_string())? != 0.0;
+        // LyCORIS IA3 scales by (1 + weight) (its weight is zero-initialised).
+        let v = src.read_f32(&w.name).map_err(|e| e.to_string())?;
+        let one_plus: Vec<f32> = v.iter().map(|x| 1.0 + x).collect();
+        let name = format!("{flat}.ia3_scale");
+        mem.insert_f32(&name, DType::F32, vec![v.len() as u64], &one_plus)
+            .map_err(|e| e.to_string())?;
+        return Ok(vec![(
+            "weight",
+            Family::Ia3,
+            Payload::Scale {
+                tensor: name,
+                axis: if on_input {
+                    ScaleAxis::Input
+                } else {
+                    ScaleAxis::Output
+                },
+                fan_in_fan_out: false,
+            },
+        )]);
+    }
+    if has("diff") || has("diff_b") {
+        expect_keys(flat, parts, &["diff", "diff_b", "alpha"])?;
+        let mut out = Vec::new();
+        if let Some(d) = parts.get("diff") {
+            out.push((
+                "weight",
+                Family::Full,
+                Payload::Add {
+                    tensor: d.name.clone(),
+                    scale: 1.0,
+                },
+            ));
+        }
+        if let Some(d) = parts.get("diff_b") {
+            out.push((
+                "bias",
+                Family::Full,
+                Payload::Add {
+                    tensor: d.name.clone(),
+                    scale: 1.0,
+                },
+            ));
+        }
+        return Ok(out);
+    }
+    if has("w_norm") || has("b_norm") {
+        // LyCORIS's norm tuning (train_norm): w' = w + w_norm, b' = b + b_norm.
+        expect_keys(flat, parts, &["w_norm", "b_norm"])?;
+        let mut out = Vec::new();
+        for (k, suffix) in [("w_norm", "weight"), ("b_norm", "bias")] {
+            if let Some(t) = parts.get(k) {
+                out.push((
+                    suffix,
+                    Family::Full,
+                    Payload::Add {
+                        tensor: t.name.clone(),
+                        scale: 1.0,
+                    },
+                ));
+            }
+        }
+        return Ok(out);
+    }
+    let algo = if has("q_layer.weight") || has("lambda_layer") {
+        "TLoRA (its file omits the base-SVD terms base_q/base_p/base_lambda its forward subtracts)"
+    } else if has("oft_blocks") || has("oft_diag") {
+        "Diag-OFT / BOFT (oft_blocks)"
+    } else if has("a1.weight") || has("b1.weight") {
+        "GLoRA (a1/a2/b1/b2)"
+    } else {
+        return Err(format!(
+            "{flat}: keys {} form no known LyCORIS module",
+            parts.keys().copied().collect::<Vec<_>>().join(", ")
+        ));
+    };
+    Err(format!(
+        "{flat}: LyCORIS {algo} modules are not supported by this version; refusing rather than dropping them"
+    ))
+}
+
+/// Split a fused module's LoRA over its parts: `A` is shared, `B`'s rows are cut.
+fn split_lowrank(
+    flat: &str,
+    built: Vec<(&'static str, Family, Payload)>,
+    parts: &[(String, u64)],
+    mem: &mut MemorySource,
+) -> std::result::Result<Vec<ModuleAdapter>, String> {
+    let mut out = Vec::new();
+    for (suffix, family, payload) in built {
+        let Payload::LowRank(lr) = payload else {
+            return Err(format!(
+                "{flat}: only LoRA modules can be split over the base's separate projections"
+            ));
+        };
+        if lr.magnitude.is_some() || suffix != "weight" {
+            return Err(format!(
+                "{flat}: a DoRA or bias update on a fused module cannot be split exactly"
+            ));
+        }
+        let info = mem
+            .info(&lr.b)
+            .ok_or_else(|| format!("{flat}: missing {}", lr.b))?
+            .clone();
+        let rows: u64 = parts.iter().map(|(_, r)| r).sum();
+        if info.shape.first() != Some(&rows) {
+            return Err(format!(
+                "{flat}: lora_up has {:?} rows, the base's parts {rows}",
+                info.shape.first()
+            ));
+        }
+        let per_row = info.len / rows;
+        let mut offset = 0u64;
+        for (i, (module, r)) in parts.iter().enumerate() {
+            let mut bytes = vec![0u8; (per_row * r) as usize];
+            mem.read_bytes(&lr.b, offset, &mut bytes)
+                .map_err(|e| e.to_string())?;
+            offset += per_row * r;
+            // diffusers stores this module's two halves swapped relative to BFL.
+            let module = match module.strip_prefix('~') {
+                Some(m) => {
+                    let half = bytes.len() / 2;
+                    bytes.rotate_left(half);
+                    m
+                }
+                None => module.as_str(),
+            };
+            let name = format!("{}.part{i}", lr.b);
+            let mut shape = info.shape.clone();
+            shape[0] = *r;
+            mem.insert(&name, info.dtype, shape, bytes);
+            out.push(ModuleAdapter {
+                module: module.to_string(),
+                target: format!("{module}.weight"),
+                family,
+                payload: Payload::LowRank(LowRank {
+                    b: name,
+                    ..lr.clone()
+                }),
+            });
+        }
+    }
+    Ok(out)
+}

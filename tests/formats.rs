@@ -1,0 +1,426 @@
+//! The ecosystem formats against their reference tools' own outputs:
+//! - `fixtures/mlx` (mlx-lm 0.32.2's trainer files and `mlx_lm fuse`),
+//! - `fixtures/lycoris` (lycoris-lora 4.1.3: every algorithm, effective weights probed from the
+//!   network's forward pass),
+//! - `fixtures/kohya_sd` (LyCORIS's kohya entry point on a tiny SD1 UNet + CLIP; diffusers 0.42.1's
+//!   `load_lora_weights` + `fuse_lora`; diffusers training-script files with and without metadata),
+//! - `fixtures/flux` (kohya-ss sd-scripts' `lora_flux.py` files; its own merge into the BFL
+//!   checkpoint; diffusers' conversion and fuse on the diffusers transformer).
+//!
+//! Every merge is compared tensor by tensor with the reference; conversions are checked by
+//! merging their output and by round trips back to the source format.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use adapterkit_core::TensorSource;
+use adapterkit_formats::safetensors::SafetensorsFile;
+use adapterkit_formats::Checkpoint;
+use common::{failed, fixtures, manifest, ok, run};
+use serde_json::Value;
+
+/// Every tensor of `want` is in `got` (a checkpoint) and equal within `rel` of its largest
+/// magnitude; returns the worst relative difference.
+fn close(got: &Path, want: &Path, rel: f64) -> f64 {
+    let (d, name) = worst(got, want);
+    assert!(
+        d <= rel,
+        "{}: {name} differs from {} by {d:e} of its scale",
+        got.display(),
+        want.display()
+    );
+    d
+}
+
+/// The largest difference of any tensor of `want` from `got`'s, relative to its scale.
+fn worst(got: &Path, want: &Path) -> (f64, String) {
+    let g = Checkpoint::open(got).unwrap();
+    let w = SafetensorsFile::open(want).unwrap();
+    let mut worst = (0f64, String::new());
+    for t in w.tensors() {
+        let gi = g
+            .info(&t.name)
+            .unwrap_or_else(|| panic!("{}: no {}", got.display(), t.name));
+        assert_eq!(gi.shape, t.shape, "{}: shape", t.name);
+        let (x, y) = (g.read_f32(&t.name).unwrap(), w.read_f32(&t.name).unwrap());
+        let scale = y.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30) as f64;
+        let d = x
+            .iter()
+            .zip(&y)
+            .map(|(a, b)| (a - b).abs() as f64)
+            .fold(0f64, f64::max)
+            / scale;
+        if d >= worst.0 {
+            worst = (d, t.name.clone());
+        }
+    }
+    worst
+}
+
+fn merge(base: &Path, adapter: &Path, out: &Path, extra: &[&str]) {
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"merge", &base, &adapter, &"-o", &out];
+    for e in extra {
+        args.push(e);
+    }
+    ok(&run(&args));
+}
+
+fn convert(input: &Path, to: &str, out: &Path, extra: &[&str]) -> String {
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+        vec![&"convert", &input, &"--to", &to, &"-o", &out];
+    for e in extra {
+        args.push(e);
+    }
+    let o = run(&args);
+    ok(&o);
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn s<'a>(c: &'a Value, k: &str) -> &'a str {
+    c[k].as_str().unwrap_or_else(|| panic!("{k} in {c}"))
+}
+
+#[test]
+fn mlx_adapters_merge_to_what_mlx_lm_fuses() {
+    let dir = fixtures("mlx");
+    let tmp = tempfile::tempdir().unwrap();
+    for c in manifest("mlx") {
+        let name = s(&c, "name");
+        let out = tmp.path().join(format!("{name}.safetensors"));
+        let adapter = dir.join(s(&c, "adapter"));
+        if name == "dora_embed" {
+            // mlx-lm's DoRA on an embedding normalises per vocabulary row; PEFT's DoRA (the IR)
+            // per embedding column. Refused, with the reason.
+            let e = failed(&run(&[&"merge", &dir.join("base"), &adapter, &"-o", &out]));
+            assert!(e.contains("vocabulary row"), "{e}");
+            assert!(!out.exists());
+            continue;
+        }
+        merge(&dir.join("base"), &adapter, &out, &[]);
+        close(&out, &dir.join(s(&c, "expected")), 1e-5);
+    }
+}
+
+#[test]
+fn mlx_and_peft_convert_both_ways() {
+    let dir = fixtures("mlx");
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["lora_default", "dora"] {
+        let c = common::case_in("mlx", name);
+        let fused = dir.join(s(&c, "expected"));
+        // PEFT twin → MLX → merge equals mlx-lm's fuse.
+        let peft_dir = dir.join(s(&c, "peft_adapter"));
+        let to_mlx = tmp.path().join(format!("{name}-mlx"));
+        convert(&peft_dir, "mlx", &to_mlx, &[]);
+        let cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(to_mlx.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg["fine_tune_type"],
+            if name == "dora" { "dora" } else { "lora" }
+        );
+        let out = tmp.path().join(format!("{name}-a.safetensors"));
+        merge(&dir.join("base"), &to_mlx, &out, &[]);
+        close(&out, &fused, 1e-5);
+        // MLX → PEFT gives the PEFT twin's tensors exactly (transposes are exact) and its scale.
+        let to_peft = tmp.path().join(format!("{name}-peft"));
+        convert(&dir.join(s(&c, "adapter")), "peft", &to_peft, &[]);
+        let mine = SafetensorsFile::open(to_peft.join("adapter_model.safetensors")).unwrap();
+        let twin = SafetensorsFile::open(peft_dir.join("adapter_model.safetensors")).unwrap();
+        for t in twin.tensors() {
+            let m = mine
+                .info(&t.name)
+                .unwrap_or_else(|| panic!("no {}", t.name));
+            assert_eq!(m.shape, t.shape, "{}", t.name);
+            assert_eq!(
+                mine.read_f32(&t.name).unwrap(),
+                twin.read_f32(&t.name).unwrap(),
+                "{}",
+                t.name
+            );
+        }
+        let cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(to_peft.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg["lora_alpha"].as_f64().unwrap() / cfg["r"].as_f64().unwrap(),
+            2.0
+        );
+        let out = tmp.path().join(format!("{name}-b.safetensors"));
+        merge(&dir.join("base"), &to_peft, &out, &[]);
+        close(&out, &fused, 1e-5);
+    }
+}
+
+/// LyCORIS cases this version refuses, with the words its error must contain.
+const LYCORIS_REFUSED: &[(&str, &str)] = &[
+    ("locon_dora_wd_in", "wd_on_out"),
+    ("loha_dora", "dora_scale"),
+    ("lokr_dora", "dora_scale"),
+    ("glora", "GLoRA"),
+    ("glora_tucker", "GLoRA"),
+    ("diag_oft_rescale", "OFT"),
+    ("diag_oft_constraint", "OFT"),
+    ("boft_rescale", "OFT"),
+    ("boft_constraint", "OFT"),
+    ("tlora", "TLoRA"),
+];
+
+#[test]
+fn lycoris_files_merge_to_what_the_network_computes() {
+    let dir = fixtures("lycoris");
+    let tmp = tempfile::tempdir().unwrap();
+    let base = dir.join("base.safetensors");
+    let mut merged = 0;
+    for c in manifest("lycoris") {
+        let name = s(&c, "name");
+        // Bypass mode is a run-time switch of the network (the same file); DyLoRA files cannot
+        // be told from LoCon files (README: both are documented).
+        if c["twin_of"].is_string() || name == "dylora" {
+            continue;
+        }
+        let adapter = dir.join(s(&c, "adapter"));
+        let out = tmp.path().join(format!("{name}.safetensors"));
+        if let Some((_, why)) = LYCORIS_REFUSED.iter().find(|(n, _)| *n == name) {
+            let e = failed(&run(&[&"merge", &base, &adapter, &"-o", &out]));
+            assert!(e.contains(why), "{name}: {e}");
+            assert!(!out.exists());
+            continue;
+        }
+        merge(&base, &adapter, &out, &[]);
+        close(&out, &dir.join(s(&c, "forward")), 1e-5);
+        merged += 1;
+        // LoHa/LoKr with a scale other than 1: LyCORIS's own merge_to applies it twice; the
+        // forward is followed, so the result must differ from merge_to.
+        if c["max_abs_forward_minus_merge_to"].as_f64().unwrap_or(0.0) > 1e-3 {
+            let (d, _) = worst(&out, &dir.join(s(&c, "merge_to")));
+            assert!(
+                d > 1e-3,
+                "{name}: matches LyCORIS's merge_to, not its forward"
+            );
+        }
+    }
+    assert_eq!(merged, 16, "LyCORIS cases merged");
+}
+
+#[test]
+fn lycoris_converts_to_peft_and_back() {
+    let dir = fixtures("lycoris");
+    let tmp = tempfile::tempdir().unwrap();
+    let base = dir.join("base.safetensors");
+    for name in [
+        "locon",
+        "locon_tucker",
+        "locon_rslora",
+        "locon_dora",
+        "loha",
+        "loha_tucker",
+        "lokr",
+        "lokr_decompose_both",
+        "lokr_full",
+        "lokr_tucker",
+        "ia3",
+    ] {
+        let c = common::case_in("lycoris", name);
+        let adapter = dir.join(s(&c, "adapter"));
+        let forward = dir.join(s(&c, "forward"));
+        let peft = tmp.path().join(format!("{name}-peft"));
+        convert(&adapter, "peft", &peft, &["--base", base.to_str().unwrap()]);
+        let out = tmp.path().join(format!("{name}-peft.safetensors"));
+        merge(&base, &peft, &out, &[]);
+        close(&out, &forward, 1e-5);
+        // … and back to LyCORIS: same merge.
+        let back = tmp.path().join(format!("{name}-back.safetensors"));
+        convert(&peft, "lycoris", &back, &[]);
+        let out2 = tmp.path().join(format!("{name}-back-merged.safetensors"));
+        merge(&base, &back, &out2, &[]);
+        close(&out2, &forward, 1e-5);
+    }
+    // Flattened names need the base to be resolved: refused without it, naming the fix.
+    let e = failed(&run(&[
+        &"convert",
+        &dir.join("locon/adapter.safetensors"),
+        &"--to",
+        &"peft",
+        &"-o",
+        &tmp.path().join("x"),
+    ]));
+    assert!(e.contains("--base"), "{e}");
+}
+
+#[test]
+fn kohya_sd_files_merge_into_the_pipeline_as_diffusers_fuses_them() {
+    let dir = fixtures("kohya_sd");
+    let tmp = tempfile::tempdir().unwrap();
+    for c in manifest("kohya_sd") {
+        let name = s(&c, "name");
+        let out = tmp.path().join(name);
+        merge(&dir.join("base"), &dir.join(s(&c, "adapter")), &out, &[]);
+        for comp in ["unet", "text_encoder"] {
+            close(&out.join(comp), &dir.join(s(&c["expected"], comp)), 1e-5);
+        }
+        for v in c["variants"].as_array().into_iter().flatten() {
+            let vname = s(v, "name");
+            let out = tmp.path().join(format!("{name}-{vname}"));
+            merge(&dir.join("base"), &dir.join(s(v, "adapter")), &out, &[]);
+            for comp in ["unet", "text_encoder"] {
+                close(&out.join(comp), &dir.join(s(&v["expected"], comp)), 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn kohya_sd_converts_through_every_diffusion_format() {
+    let dir = fixtures("kohya_sd");
+    let tmp = tempfile::tempdir().unwrap();
+    let base = dir.join("base");
+    let c = common::case_in("kohya_sd", "lycoris_lora");
+    let lora = dir.join(s(&c, "adapter"));
+    // kohya → diffusers → merge; kohya → diffusers → kohya → merge.
+    let d = tmp.path().join("d");
+    convert(&lora, "diffusers", &d, &["--base", base.to_str().unwrap()]);
+    let back = tmp.path().join("back.safetensors");
+    convert(&d, "kohya", &back, &[]);
+    for (i, a) in [d.clone(), back.clone()].iter().enumerate() {
+        let out = tmp.path().join(format!("m{i}"));
+        merge(&base, a, &out, &[]);
+        for comp in ["unet", "text_encoder"] {
+            close(&out.join(comp), &dir.join(s(&c["expected"], comp)), 1e-5);
+        }
+    }
+    // kohya → kohya keeps every tensor (names, bytes) and the alphas.
+    let same = SafetensorsFile::open(&back).unwrap();
+    let orig = SafetensorsFile::open(&lora).unwrap();
+    for t in orig.tensors() {
+        let alt = t.name.replace("lora_te_text_model_", "lora_te_");
+        let n = if same.info(&t.name).is_some() {
+            t.name.clone()
+        } else {
+            alt
+        };
+        let m = same.info(&n).unwrap_or_else(|| panic!("no {}", t.name));
+        assert_eq!(m.shape, t.shape, "{}", t.name);
+        assert_eq!(
+            same.read_f32(&n).unwrap(),
+            orig.read_f32(&t.name).unwrap(),
+            "{}",
+            t.name
+        );
+    }
+    // One component of a pipeline LoRA into that component alone.
+    let out = tmp.path().join("unet-only");
+    merge(&base.join("unet"), &lora, &out, &["--component", "unet"]);
+    close(&out, &dir.join(s(&c["expected"], "unet")), 1e-5);
+    let e = failed(&run(&[
+        &"merge",
+        &base.join("unet"),
+        &lora,
+        &"-o",
+        &tmp.path().join("x"),
+    ]));
+    assert!(
+        e.contains("--component") || e.contains("match no module"),
+        "{e}"
+    );
+}
+
+fn flux_case(name: &str) -> Value {
+    common::case_in("flux", name)
+}
+
+#[test]
+fn flux_kohya_loras_merge_into_bfl_and_diffusers_checkpoints() {
+    let dir = fixtures("flux");
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["kohya_default", "kohya_qkv_linear1", "kohya_split_qkv"] {
+        let c = flux_case(name);
+        let lora = dir.join(s(&c, "lora"));
+        let out = tmp.path().join(format!("{name}-bfl.safetensors"));
+        merge(&dir.join("base_bfl.safetensors"), &lora, &out, &[]);
+        close(&out, &dir.join(s(&c["expected"], "merged_bfl")), 1e-5);
+        // Fused qkv / linear1 split exactly over diffusers' separate projections.
+        let out = tmp.path().join(format!("{name}-d.safetensors"));
+        merge(&dir.join("base_diffusers"), &lora, &out, &[]);
+        close(&out, &dir.join(s(&c["expected"], "merged_diffusers")), 1e-5);
+        // kohya → diffusers (with the diffusers base) → merge.
+        let conv = tmp.path().join(format!("{name}-conv"));
+        convert(
+            &lora,
+            "diffusers",
+            &conv,
+            &["--base", dir.join("base_diffusers").to_str().unwrap()],
+        );
+        let out = tmp.path().join(format!("{name}-conv.safetensors"));
+        merge(&dir.join("base_diffusers"), &conv, &out, &[]);
+        close(&out, &dir.join(s(&c["expected"], "merged_diffusers")), 1e-5);
+        // … and back to kohya: the parts fuse again (rank Σrᵢ, exact) into the BFL names.
+        let back = tmp.path().join(format!("{name}-back.safetensors"));
+        convert(&conv, "kohya", &back, &[]);
+        let out = tmp.path().join(format!("{name}-back-bfl.safetensors"));
+        merge(&dir.join("base_bfl.safetensors"), &back, &out, &[]);
+        close(&out, &dir.join(s(&c["expected"], "merged_bfl")), 1e-5);
+    }
+}
+
+#[test]
+fn flux_diffusers_lora_fuses_into_kohya_for_the_bfl_checkpoint() {
+    let dir = fixtures("flux");
+    let tmp = tempfile::tempdir().unwrap();
+    let c = flux_case("diffusers_peft");
+    let lora = dir.join("diffusers_peft/pytorch_lora_weights.safetensors");
+    let out = tmp.path().join("d.safetensors");
+    merge(&dir.join("base_diffusers"), &lora, &out, &[]);
+    close(&out, &dir.join(s(&c["expected"], "merged_diffusers")), 1e-5);
+    let k = tmp.path().join("k.safetensors");
+    let notes = convert(&lora, "kohya", &k, &[]);
+    assert!(notes.contains("fused"), "{notes}");
+    let out = tmp.path().join("bfl.safetensors");
+    merge(&dir.join("base_bfl.safetensors"), &k, &out, &[]);
+    close(&out, &dir.join(s(&c["expected"], "merged_bfl")), 1e-5);
+}
+
+#[test]
+fn formats_are_detected_from_content_and_forced_with_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: &[(PathBuf, &str)] = &[
+        (fixtures("mlx").join("lora_default/adapters"), "mlx"),
+        (
+            fixtures("lycoris").join("loha/adapter.safetensors"),
+            "lycoris",
+        ),
+        (
+            fixtures("kohya_sd").join("lycoris_lora/lora.safetensors"),
+            "lycoris",
+        ),
+        (
+            fixtures("flux").join("kohya_default/kohya_lora.safetensors"),
+            "kohya",
+        ),
+        (
+            fixtures("kohya_sd").join("diffusers_peft/pytorch_lora_weights.safetensors"),
+            "diffusers",
+        ),
+        (fixtures("peft").join("llama_lora/adapter"), "peft"),
+    ];
+    for (p, f) in cases {
+        let o = run(&[&"inspect", p, &"--json"]);
+        ok(&o);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["format"], *f, "{}", p.display());
+    }
+    // A wrong --from is an error naming the format, not a misread.
+    let e = failed(&run(&[
+        &"merge",
+        &fixtures("mlx").join("base"),
+        &fixtures("lycoris").join("loha/adapter.safetensors"),
+        &"--from",
+        &"diffusers",
+        &"-o",
+        &tmp.path().join("x.safetensors"),
+    ]));
+    assert!(e.contains("diffusers"), "{e}");
+}
