@@ -338,6 +338,16 @@ pub fn write(adapter: &Adapter, out: &Path, opts: &WriteOptions) -> Result<Writt
     let mut notes = Vec::new();
     let mut fs = Vec::new();
     for m in &adapter.modules {
+        // PEFT's saved copy of a targeted embedding/head (`*.base_layer.weight`): the base's own
+        // weights unless the vocabulary was changed. convert_lora_to_gguf drops it silently; we
+        // drop it only after checking it equals the base.
+        if let Payload::Replace { tensor } = &m.payload {
+            if tensor.contains(".base_layer.") {
+                saved_layer_unchanged(adapter, m, tensor, base, out)?;
+                notes.push(format!("{}: PEFT's saved copy of the base layer equals the base; not written (llama.cpp adapters hold LoRA only)", m.target));
+                continue;
+            }
+        }
         let Payload::LowRank(lr) = &m.payload else {
             return Err(err(format!(
                 "module {}: llama.cpp's adapters are LoRA only; a {} update cannot be written",
@@ -501,9 +511,56 @@ pub fn to_gguf_names(adapter: &mut Adapter, arch: &str, base: &BaseNames) -> Res
                         &p,
                     )?;
                     lr.b = name;
+                    // DoRA's magnitude is one value per output row: its rows move too.
+                    if let Some(mag) = &lr.magnitude {
+                        let (mv, mshape, mdt) = crate::convert::read(adapter, mag)?;
+                        let mperm = permute_rows(mv.len(), heads as usize);
+                        let pm: Vec<f32> = mperm.iter().map(|&h| mv[h]).collect();
+                        let name = format!("{mag}.gguf_permuted");
+                        let mdt = if mdt.is_writable_float() {
+                            mdt
+                        } else {
+                            DType::F32
+                        };
+                        mem.insert_f32(&name, mdt, mshape, &pm)?;
+                        lr.magnitude = Some(name);
+                    }
                 }
-            } else if is_q || is_k {
-                return Err(fmt_err(&adapter.path, "gguf", format!("module {}: only LoRA updates can be carried through llama.cpp's q/k permute", m.module)));
+            } else if map.permute_qk && (is_q || is_k) {
+                // A bias update, full difference or replacement: its rows move like the weight's.
+                let heads = if is_q { n_head } else { n_kv }.ok_or_else(|| {
+                    fmt_err(
+                        &adapter.path,
+                        "gguf",
+                        format!(
+                            "{g}: the base has no {arch}.attention.head_count for the q/k permute"
+                        ),
+                    )
+                })?;
+                let tensor = match &mut m.payload {
+                    Payload::Add { tensor, .. } | Payload::Replace { tensor } => tensor,
+                    other => return Err(fmt_err(&adapter.path, "gguf", format!("module {}: a {} update cannot be carried through llama.cpp's q/k permute", m.module, other.kind()))),
+                };
+                let (v, shape, dtype) = crate::convert::read(adapter, tensor)?;
+                let rows = shape.first().copied().unwrap_or(1) as usize;
+                let w = v.len() / rows.max(1);
+                let perm = permute_rows(rows, heads as usize);
+                let mut p = vec![0f32; v.len()];
+                for (gr, &h) in perm.iter().enumerate() {
+                    p[gr * w..(gr + 1) * w].copy_from_slice(&v[h * w..(h + 1) * w]);
+                }
+                let name = format!("{tensor}.gguf_permuted");
+                mem.insert_f32(
+                    &name,
+                    if dtype.is_writable_float() {
+                        dtype
+                    } else {
+                        DType::F32
+                    },
+                    shape,
+                    &p,
+                )?;
+                *tensor = name;
             }
             let suffix = m
                 .target
@@ -533,6 +590,28 @@ pub fn to_gguf_names(adapter: &mut Adapter, arch: &str, base: &BaseNames) -> Res
 fn base_u64(base: &BaseNames, key: &str) -> Option<u64> {
     let f = GgufFile::open(&base.path).ok()?;
     f.get(key)?.as_u64()
+}
+
+/// Check a saved layer copy against the base: equal, or an error naming what would be lost.
+fn saved_layer_unchanged(
+    adapter: &Adapter,
+    m: &ModuleAdapter,
+    tensor: &str,
+    base: Option<&BaseNames>,
+    out: &Path,
+) -> Result<()> {
+    let err = |msg: String| fmt_err(out, "gguf", msg);
+    let base = base.ok_or_else(|| err(format!("{}: PEFT saved a copy of this layer; pass --base so it can be checked against the base (a changed vocabulary cannot go into a llama.cpp adapter)", m.target)))?;
+    let ck = crate::checkpoint::Checkpoint::open(&base.path)?;
+    use adapterkit_core::TensorSource as _;
+    let theirs = ck
+        .read_f32(&m.target)
+        .map_err(|e| err(format!("{}: {e}", m.target)))?;
+    let ours = adapter.tensors.read_f32(tensor)?;
+    if theirs != ours {
+        return Err(err(format!("{}: PEFT's saved copy differs from the base (a resized or retrained embedding); a llama.cpp adapter cannot carry it — merge the adapter instead", m.target)));
+    }
+    Ok(())
 }
 
 /// Whether a GGUF file is an adapter (vs a model).
