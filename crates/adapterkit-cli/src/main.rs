@@ -418,6 +418,7 @@ fn merge_pipeline(
     std::fs::create_dir_all(parent)?;
     let staging = tempfile::Builder::new()
         .prefix(".adapterkit-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .tempdir_in(parent)?;
     let mut touched = 0;
     let mut changed = 0;

@@ -329,6 +329,9 @@ pub enum Payload {
         axis: ScaleAxis,
         /// Whether the stored weight is `(in, out)` (`fan_in_fan_out`).
         fan_in_fan_out: bool,
+        /// With an output axis: also scale the module's bias (PEFT's IA3 scales the layer's
+        /// output, bias included; LyCORIS's IA3 and rescale leave the bias alone).
+        bias: bool,
     },
     /// LoHa.
     Hadamard(Hadamard),
@@ -386,6 +389,26 @@ pub enum Payload {
     /// One of PEFT's newer tuners: its tensors by role (the suffix PEFT saves them under) and
     /// the config numbers its math needs. The math lives with the executor's family code.
     Tuner(Tuner),
+    /// `W ← W · M`: every input-space row of the weight (PEFT's `(out, in·k…)` orientation)
+    /// times a square matrix `M` (LyCORIS GLoRA's `W + s·W·a1·a2` is `M = I + s·a1·a2`, expanded
+    /// over a conv kernel as `M ⊗ I`).
+    RightMultiply {
+        /// `M (in·k…, in·k…)`, row-major.
+        matrix: String,
+        /// Whether the stored weight is `(in, out)`.
+        fan_in_fan_out: bool,
+    },
+    /// A chain of permuted block transforms of the input-space rows (LyCORIS BOFT): for each
+    /// stage `i`, `y = Pᵢᵀx` (`y[perm[j]] = x[j]`), every `b`-slice of `y` times its block
+    /// (`y_k ← y_k·M_k`), then `x = Pᵢy` (`x[j] = y[perm[j]]`).
+    Stages {
+        /// `(stages, blocks, b, b)` block matrices, row-major.
+        blocks: String,
+        /// `(stages, n)` integer permutations.
+        perms: String,
+        /// Whether the stored weight is `(in, out)`.
+        fan_in_fan_out: bool,
+    },
     /// Replace rows `indices` of an embedding with the rows of `tensor`.
     ReplaceRows {
         /// `(len(indices), dim)` replacement rows.
@@ -414,6 +437,8 @@ impl Payload {
             | Payload::Scale { tensor, .. }
             | Payload::ReplaceRows { tensor, .. } => vec![tensor.as_str()],
             Payload::Oft(o) => vec![o.tensor.as_str()],
+            Payload::RightMultiply { matrix, .. } => vec![matrix.as_str()],
+            Payload::Stages { blocks, perms, .. } => vec![blocks.as_str(), perms.as_str()],
             Payload::Vera {
                 a,
                 b,
@@ -488,6 +513,8 @@ impl Payload {
             Payload::Tuner(_) => "tuner",
             Payload::VbLora(_) => "vblora",
             Payload::Householder(_) => "hra",
+            Payload::RightMultiply { .. } => "matmul",
+            Payload::Stages { .. } => "stages",
         }
     }
 }

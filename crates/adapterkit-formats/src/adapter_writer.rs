@@ -58,6 +58,7 @@ impl AdapterWriter {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         let staging = tempfile::Builder::new()
             .prefix(".adapterkit-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .tempdir_in(parent)
             .map_err(|e| Error::io(parent, e))?;
         let spool_path = staging.path().join(".spool");

@@ -503,9 +503,24 @@ pub fn write_peft(adapter: &Adapter, out: &Path, opts: &WriteOptions) -> Result<
         Family::Ia3 => {
             peft_type = "IA3";
             for m in &adapter.modules {
-                let Payload::Scale { tensor, axis, .. } = &m.payload else {
+                let Payload::Scale {
+                    tensor, axis, bias, ..
+                } = &m.payload
+                else {
                     unreachable!("family checked")
                 };
+                let has_bias = opts.base.as_ref().map(|b| {
+                    b.components
+                        .iter()
+                        .any(|(_, n)| n.has(&format!("{}.bias", m.module)))
+                });
+                if !*bias && *axis == ScaleAxis::Output && has_bias != Some(false) {
+                    return Err(fmt_err(out, "peft", format!(
+                        "module {}: this scaling leaves the bias alone (LyCORIS IA3), but PEFT's IA3 on outputs also scales the bias; {}",
+                        m.module,
+                        if has_bias.is_some() { "the layer has a bias, so converting would change it" } else { "pass --base so layers without a bias can be converted" }
+                    )));
+                }
                 let info = adapter
                     .tensors
                     .info(tensor)
@@ -810,7 +825,11 @@ fn kohya_write(
                 tensor,
                 axis,
                 fan_in_fan_out: false,
+                bias,
             } if lycoris => {
+                if *bias && *axis == ScaleAxis::Output {
+                    return Err(fmt_err(out, fmt, format!("module {}: PEFT's IA3 on outputs also scales the layer's bias; LyCORIS's IA3 leaves it alone, so the bias update would be lost", m.module)));
+                }
                 algo = "ia3";
                 let v: Vec<f32> = adapter
                     .tensors

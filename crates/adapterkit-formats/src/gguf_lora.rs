@@ -350,9 +350,9 @@ pub fn write(adapter: &Adapter, out: &Path, opts: &WriteOptions) -> Result<Writt
         }
         let Payload::LowRank(lr) = &m.payload else {
             return Err(err(format!(
-                "module {}: llama.cpp's adapters are LoRA only; a {} update cannot be written",
+                "module {}: llama.cpp's adapters hold LoRA factors only; its {} cannot be written into one (merge the adapter into the model instead)",
                 m.module,
-                m.payload.kind()
+                describe(m)
             )));
         };
         if lr.magnitude.is_some() {
@@ -612,6 +612,16 @@ fn saved_layer_unchanged(
         return Err(err(format!("{}: PEFT's saved copy differs from the base (a resized or retrained embedding); a llama.cpp adapter cannot carry it — merge the adapter instead", m.target)));
     }
     Ok(())
+}
+
+/// What a module's update is, in words, for messages.
+fn describe(m: &ModuleAdapter) -> String {
+    match &m.payload {
+        Payload::Add { .. } if m.target.ends_with(".bias") => "bias update (lora_B.bias)".into(),
+        Payload::Add { .. } => "full weight difference".into(),
+        Payload::Replace { .. } => "replacement tensor (modules_to_save)".into(),
+        p => format!("{} update", p.kind()),
+    }
 }
 
 /// Whether a GGUF file is an adapter (vs a model).

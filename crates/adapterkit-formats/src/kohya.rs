@@ -555,6 +555,11 @@ fn build(
             }),
         )]);
     }
+    if has("dora_scale") && (has("hada_w1_a") || has("lokr_w1") || has("lokr_w1_a")) {
+        return Err(format!(
+            "{flat}.dora_scale: DoRA on a LoHa/LoKr module (LyCORIS dora_wd) is not supported by this version; refusing rather than merging it without its re-normalisation"
+        ));
+    }
     if has("hada_w1_a") {
         expect_keys(
             flat,
@@ -678,6 +683,7 @@ fn build(
                     ScaleAxis::Output
                 },
                 fan_in_fan_out: false,
+                bias: false,
             },
         )]);
     }
@@ -724,6 +730,15 @@ fn build(
         }
         return Ok(out);
     }
+    if has("a1.weight") || has("b1.weight") {
+        return glora(flat, parts, src, mem);
+    }
+    if has("oft_blocks") && parts["oft_blocks"].shape.len() == 3 {
+        return diag_oft(flat, parts, src, mem);
+    }
+    if has("oft_blocks") && parts["oft_blocks"].shape.len() == 4 {
+        return boft(flat, parts, src, mem);
+    }
     let algo = if has("q_layer.weight") || has("lambda_layer") {
         "TLoRA (its file omits the base-SVD terms base_q/base_p/base_lambda its forward subtracts)"
     } else if has("oft_blocks") || has("oft_diag") {
@@ -739,6 +754,363 @@ fn build(
     Err(format!(
         "{flat}: LyCORIS {algo} modules are not supported by this version; refusing rather than dropping them"
     ))
+}
+
+/// Skew generators `Q = B − Bᵀ` of every `b×b` block of `v`, clamped together to Frobenius norm
+/// `limit` (when positive) as LyCORIS's constraint does; returned as full matrices.
+fn skew_clamped(v: &[f32], b: usize, limit: f64) -> Vec<f64> {
+    let mut q: Vec<f64> = Vec::with_capacity(v.len());
+    for blk in v.chunks_exact(b * b) {
+        for p in 0..b {
+            for r in 0..b {
+                q.push(f64::from(blk[p * b + r]) - f64::from(blk[r * b + p]));
+            }
+        }
+    }
+    if limit > 0.0 {
+        let norm = q.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if norm + 1e-8 > limit {
+            let f = limit / (norm + 1e-8);
+            q.iter_mut().for_each(|x| *x *= f);
+        }
+    }
+    q
+}
+
+/// `(I − Q)(I + Q)⁻¹` for a skew `b×b` `Q`: the transpose of LyCORIS's `R = (I+Q)(I−Q)⁻¹`.
+fn cayley_transpose(q: &[f64], b: usize) -> Option<Vec<f64>> {
+    // Solve X·(I + Q) = (I − Q)  ⇔  (I + Q)ᵀ·Xᵀ = (I − Q)ᵀ by Gauss–Jordan on the transposes.
+    let mut a: Vec<f64> = (0..b * b)
+        .map(|k| q[(k % b) * b + k / b] + if k / b == k % b { 1.0 } else { 0.0 })
+        .collect();
+    let mut rhs: Vec<f64> = (0..b * b)
+        .map(|k| -q[(k % b) * b + k / b] + if k / b == k % b { 1.0 } else { 0.0 })
+        .collect();
+    for c in 0..b {
+        let piv = (c..b).max_by(|&i, &j| a[i * b + c].abs().total_cmp(&a[j * b + c].abs()))?;
+        if a[piv * b + c].abs() < 1e-300 {
+            return None;
+        }
+        for k in 0..b {
+            a.swap(c * b + k, piv * b + k);
+            rhs.swap(c * b + k, piv * b + k);
+        }
+        let d = a[c * b + c];
+        for k in 0..b {
+            a[c * b + k] /= d;
+            rhs[c * b + k] /= d;
+        }
+        for i in 0..b {
+            if i != c {
+                let f = a[i * b + c];
+                if f != 0.0 {
+                    for k in 0..b {
+                        a[i * b + k] -= f * a[c * b + k];
+                        rhs[i * b + k] -= f * rhs[c * b + k];
+                    }
+                }
+            }
+        }
+    }
+    // rhs = Xᵀ.
+    Some((0..b * b).map(|k| rhs[(k % b) * b + k / b]).collect())
+}
+
+/// LyCORIS BOFT: `oft_blocks (m, n, b, b)`, the Cayley map and constraint of Diag-OFT, then for
+/// every stage `i` (`k = 2ⁱ·b/2`) the output rows are permuted (`(g, t, j) → (g, j, t)` over
+/// groups of `2k`), rotated block by block (`R·W`) and permuted back; then `⊙ rescale`. In the
+/// IR: the same stages as a transform of the output-space vectors (`Payload::Stages`, each block
+/// `Rᵀ` acting on row vectors) and an output scaling.
+fn boft(
+    flat: &str,
+    parts: &Parts,
+    src: &dyn TensorSource,
+    mem: &mut MemorySource,
+) -> std::result::Result<Vec<(&'static str, Family, Payload)>, String> {
+    expect_keys(flat, parts, &["oft_blocks", "rescale", "alpha"])?;
+    let t = parts["oft_blocks"];
+    let (m, n, b) = (
+        t.shape[0] as usize,
+        t.shape[1] as usize,
+        t.shape[2] as usize,
+    );
+    if t.shape[3] as usize != b || b < 2 || b % 2 != 0 {
+        return Err(format!(
+            "{flat}.oft_blocks: shape {:?}, expected (stages, blocks, b, b) with even b",
+            t.shape
+        ));
+    }
+    let out = n * b;
+    let v = src.read_f32(&t.name).map_err(|e| e.to_string())?;
+    let alpha = match parts.get("alpha") {
+        Some(a) => scalar(src, &a.name).map_err(|e| e.to_string())?,
+        None => 0.0,
+    };
+    let q = skew_clamped(&v, b, alpha * out as f64);
+    let mut blocks = Vec::with_capacity(m * n * b * b);
+    for (i, qb) in q.chunks_exact(b * b).enumerate() {
+        let rt = cayley_transpose(qb, b)
+            .ok_or_else(|| format!("{flat}: BOFT block {i} has a singular Cayley transform"))?;
+        // Row-vector form: the slice y_k becomes y_k·(Rᵀ)ᵀ… i.e. (R·y_kᵀ)ᵀ = y_k·Rᵀ: store Rᵀ.
+        blocks.extend(rt.iter().map(|&x| x as f32));
+    }
+    let mut perms: Vec<u8> = Vec::with_capacity(m * out * 8);
+    for i in 0..m {
+        let k = (1usize << i) * b / 2;
+        if out % (2 * k) != 0 {
+            return Err(format!(
+                "{flat}: BOFT stage {i} groups of {} do not divide {out} outputs",
+                2 * k
+            ));
+        }
+        for src_row in 0..out {
+            let (g, rest) = (src_row / (2 * k), src_row % (2 * k));
+            let (tt, j) = (rest / k, rest % k);
+            let dst = g * 2 * k + 2 * j + tt;
+            perms.extend_from_slice(&(dst as i64).to_le_bytes());
+        }
+    }
+    let bn = format!("{flat}.boft_blocks");
+    mem.insert_f32(
+        &bn,
+        DType::F32,
+        vec![m as u64, n as u64, b as u64, b as u64],
+        &blocks,
+    )
+    .map_err(|e| e.to_string())?;
+    let pn = format!("{flat}.boft_perms");
+    mem.insert(&pn, DType::I64, vec![m as u64, out as u64], perms);
+    let mut res = vec![(
+        "weight",
+        Family::Boft,
+        Payload::Stages {
+            blocks: bn,
+            perms: pn,
+            fan_in_fan_out: true,
+        },
+    )];
+    if let Some(r) = parts.get("rescale") {
+        if r.numel() != out as u64 {
+            return Err(format!(
+                "{flat}.rescale: shape {:?}, expected {out} values",
+                r.shape
+            ));
+        }
+        let name = format!("{flat}.rescale.flat");
+        mem.alias(&name, &r.name, vec![r.numel()]);
+        res.push((
+            "weight",
+            Family::Boft,
+            Payload::Scale {
+                tensor: name,
+                axis: ScaleAxis::Output,
+                fan_in_fan_out: false,
+                bias: false,
+            },
+        ));
+    }
+    Ok(res)
+}
+
+/// LyCORIS Diag-OFT: `oft_blocks (n, b, b)`, `Q = B − Bᵀ` clamped to Frobenius norm
+/// `alpha·out` over all blocks together, `R = (I+Q)(I−Q)⁻¹`, every block of `b` output rows
+/// `W_k ← R_kᵀ·W_k`, then `W ← W ⊙ rescale` per output. In the IR: an exact-Cayley OFT over the
+/// output rows (`(I−Q)(I+Q)⁻¹ = Rᵀ` for skew `Q`) and an output scaling.
+fn diag_oft(
+    flat: &str,
+    parts: &Parts,
+    src: &dyn TensorSource,
+    mem: &mut MemorySource,
+) -> std::result::Result<Vec<(&'static str, Family, Payload)>, String> {
+    expect_keys(flat, parts, &["oft_blocks", "rescale", "alpha"])?;
+    let t = parts["oft_blocks"];
+    let (n, b) = (t.shape[0] as usize, t.shape[1] as usize);
+    if t.shape[2] as usize != b || b == 0 {
+        return Err(format!(
+            "{flat}.oft_blocks: shape {:?}, expected (blocks, b, b)",
+            t.shape
+        ));
+    }
+    let v = src.read_f32(&t.name).map_err(|e| e.to_string())?;
+    let tri = b * (b - 1) / 2;
+    let mut packed = Vec::with_capacity(n * tri);
+    for blk in v.chunks_exact(b * b) {
+        for p in 0..b {
+            for q in p + 1..b {
+                packed.push(blk[p * b + q] - blk[q * b + p]);
+            }
+        }
+    }
+    let alpha = match parts.get("alpha") {
+        Some(a) => scalar(src, &a.name).map_err(|e| e.to_string())?,
+        None => 0.0,
+    };
+    let limit = alpha * (n * b) as f64;
+    if limit > 0.0 {
+        let norm = (2.0
+            * packed
+                .iter()
+                .map(|x| f64::from(*x) * f64::from(*x))
+                .sum::<f64>())
+        .sqrt();
+        if norm + 1e-8 > limit {
+            let f = (limit / (norm + 1e-8)) as f32;
+            packed.iter_mut().for_each(|x| *x *= f);
+        }
+    }
+    let name = format!("{flat}.oft_generators");
+    mem.insert_f32(&name, DType::F32, vec![n as u64, tri as u64], &packed)
+        .map_err(|e| e.to_string())?;
+    let mut out = vec![(
+        "weight",
+        Family::Oft,
+        Payload::Oft(adapterkit_core::ir::Oft {
+            tensor: name,
+            block_size: b as u64,
+            block_share: false,
+            cayley: adapterkit_core::ir::Cayley::Exact,
+            coft_eps: None,
+            fan_in_fan_out: true,
+            embedding: false,
+        }),
+    )];
+    if let Some(r) = parts.get("rescale") {
+        if r.numel() != (n * b) as u64 {
+            return Err(format!(
+                "{flat}.rescale: shape {:?}, expected {} values",
+                r.shape,
+                n * b
+            ));
+        }
+        let name = format!("{flat}.rescale.flat");
+        mem.alias(&name, &r.name, vec![r.numel()]);
+        out.push((
+            "weight",
+            Family::Oft,
+            Payload::Scale {
+                tensor: name,
+                axis: ScaleAxis::Output,
+                fan_in_fan_out: false,
+                bias: false,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// LyCORIS GLoRA: `W' = W + s·(b1·b2 + W·a1·a2)`, `s = alpha / r` (`r = a2.shape[0]`), the bias
+/// unchanged. In the IR: `W ← W·M` with `M = I + s·a1·a2` (for a conv, contracting the input
+/// channel at every kernel position: `M ⊗ I`), then the low-rank `s·b1·b2`.
+fn glora(
+    flat: &str,
+    parts: &Parts,
+    src: &dyn TensorSource,
+    mem: &mut MemorySource,
+) -> std::result::Result<Vec<(&'static str, Family, Payload)>, String> {
+    expect_keys(
+        flat,
+        parts,
+        &[
+            "a1.weight",
+            "a2.weight",
+            "b1.weight",
+            "b2.weight",
+            "alpha",
+            "bm.weight",
+        ],
+    )?;
+    if parts.contains_key("bm.weight") {
+        return Err(format!(
+            "{flat}.bm.weight: GLoRA's bm term is not supported (LyCORIS 4.1.3 cannot create it)"
+        ));
+    }
+    let need = ["a1.weight", "a2.weight", "b1.weight", "b2.weight"];
+    if let Some(m) = need.iter().find(|k| !parts.contains_key(*k)) {
+        return Err(format!("{flat}: GLoRA tensor {m} is missing"));
+    }
+    let (a1, a2, b1, b2) = (
+        parts["a1.weight"],
+        parts["a2.weight"],
+        parts["b1.weight"],
+        parts["b2.weight"],
+    );
+    let r = a2.shape[0] as usize;
+    let inp = a1.shape[0] as usize;
+    if a1.shape[1] as usize != r
+        || a2.shape[1] as usize != inp
+        || b1.shape[1] as usize != r
+        || b2.shape[0] as usize != r
+    {
+        return Err(format!(
+            "{flat}: GLoRA shapes a1 {:?}, a2 {:?}, b1 {:?}, b2 {:?} do not fit together",
+            a1.shape, a2.shape, b1.shape, b2.shape
+        ));
+    }
+    let alpha = alpha_of(src, parts, r as u64)?;
+    let s = alpha / r as f64;
+    let (va1, va2) = (
+        src.read_f32(&a1.name).map_err(|e| e.to_string())?,
+        src.read_f32(&a2.name).map_err(|e| e.to_string())?,
+    );
+    let mut m = vec![0f64; inp * inp];
+    for i in 0..inp {
+        m[i * inp + i] = 1.0;
+        for k in 0..r {
+            let x = s * f64::from(va1[i * r + k]);
+            for j in 0..inp {
+                m[i * inp + j] += x * f64::from(va2[k * inp + j]);
+            }
+        }
+    }
+    // A conv weight's rows are (in, kh, kw) flattened: the same M at every kernel position.
+    let kernel: usize = b2.shape[2..].iter().product::<u64>() as usize;
+    let n = inp * kernel;
+    let mut big = vec![0f32; n * n];
+    for i in 0..inp {
+        for j in 0..inp {
+            let v = m[i * inp + j] as f32;
+            for p in 0..kernel {
+                big[(i * kernel + p) * n + j * kernel + p] = v;
+            }
+        }
+    }
+    let name = format!("{flat}.glora_matrix");
+    mem.insert_f32(&name, DType::F32, vec![n as u64, n as u64], &big)
+        .map_err(|e| e.to_string())?;
+    let layer = if b2.shape.len() > 2 {
+        LayerKind::Conv {
+            kernel: b2.shape[2..].to_vec(),
+        }
+    } else {
+        LayerKind::Linear {
+            fan_in_fan_out: false,
+        }
+    };
+    Ok(vec![
+        (
+            "weight",
+            Family::Tuner("glora"),
+            Payload::RightMultiply {
+                matrix: name,
+                fan_in_fan_out: false,
+            },
+        ),
+        (
+            "weight",
+            Family::Tuner("glora"),
+            Payload::LowRank(LowRank {
+                layer,
+                a: b2.name.clone(),
+                b: b1.name.clone(),
+                rank: r as u64,
+                alpha,
+                rslora: false,
+                scale: s,
+                magnitude: None,
+                singular_values: None,
+            }),
+        ),
+    ])
 }
 
 /// Split a fused module's LoRA over its parts: `A` is shared, `B`'s rows are cut.

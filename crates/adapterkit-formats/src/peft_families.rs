@@ -199,6 +199,7 @@ fn ia3(
                     ScaleAxis::Output
                 },
                 fan_in_fan_out: cfg.fan_in_fan_out,
+                bias: true,
             },
         ));
     }

@@ -522,6 +522,7 @@ impl PendingFile {
         let tmp = tempfile::Builder::new()
             .prefix(".adapterkit-")
             .suffix(".tmp")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
             .tempfile_in(dir)
             .map_err(|e| Error::io(dir, e))?;
         tmp.as_file()

@@ -284,6 +284,7 @@ impl<'a> Staging<'a> {
             Some(
                 tempfile::Builder::new()
                     .prefix(".adapterkit-")
+                    .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o755))
                     .tempdir_in(&parent)
                     .map_err(|e| Error::io(&parent, e))?,
             )
@@ -404,6 +405,7 @@ impl<'a> Staging<'a> {
                 let src = base.root().join(name);
                 let tmp = tempfile::Builder::new()
                     .prefix(".adapterkit-")
+                    .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
                     .tempfile_in(&write_dir)
                     .map_err(|e| Error::io(&write_dir, e))?;
                 std::fs::copy(&src, tmp.path()).map_err(|e| Error::io(&src, e))?;
@@ -658,6 +660,7 @@ fn stage_bytes(dir: &Path, bytes: &[u8]) -> Result<tempfile::NamedTempFile> {
     use std::io::Write;
     let mut tmp = tempfile::Builder::new()
         .prefix(".adapterkit-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .tempfile_in(dir)
         .map_err(|e| Error::io(dir, e))?;
     tmp.write_all(bytes).map_err(|e| Error::io(tmp.path(), e))?;

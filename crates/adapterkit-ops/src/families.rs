@@ -351,7 +351,7 @@ impl RowTransform {
     /// A per-output scaling applied after the transform (BOFT's `boft_s`).
     pub fn output_scale(&self) -> Option<&[f32]> {
         match self {
-            RowTransform::Butterfly { scale, .. } => Some(scale),
+            RowTransform::Butterfly { scale, .. } if !scale.is_empty() => Some(scale),
             _ => None,
         }
     }
@@ -711,6 +711,60 @@ pub fn row_transform(src: &dyn TensorSource, payload: &Payload, n: usize) -> Res
             Ok(RowTransform::Reflections {
                 n: len,
                 us: cols.into_iter().flatten().map(|x| x as f32).collect(),
+            })
+        }
+        Payload::Stages { blocks, perms, .. } => {
+            let d = dims(src, blocks)?;
+            let (m, nb, b) = (d[0], d[1], d[2]);
+            if nb * b != n {
+                return Err(Error::Options(format!(
+                    "{blocks}: {d:?} does not transform {n}-wide vectors"
+                )));
+            }
+            let bv = src.read_f32(blocks)?;
+            let info = src
+                .info(perms)
+                .ok_or_else(|| adapterkit_core::Error::TensorNotFound {
+                    name: perms.clone(),
+                })?
+                .clone();
+            let mut raw = vec![0u8; info.len as usize];
+            src.read_bytes(perms, 0, &mut raw)?;
+            let idx: Vec<usize> = raw
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as usize)
+                .collect();
+            let mut factors = Vec::with_capacity(m);
+            for i in 0..m {
+                let perm = idx[i * n..(i + 1) * n].to_vec();
+                let mut seen = vec![false; n];
+                if perm
+                    .iter()
+                    .any(|&p| p >= n || std::mem::replace(&mut seen[p], true))
+                {
+                    return Err(Error::Options(format!(
+                        "{perms}: stage {i} is not a permutation of 0..{n}"
+                    )));
+                }
+                factors.push((perm, bv[i * nb * b * b..(i + 1) * nb * b * b].to_vec()));
+            }
+            Ok(RowTransform::Butterfly {
+                b,
+                factors,
+                scale: Vec::new(),
+            })
+        }
+        Payload::RightMultiply { matrix, .. } => {
+            let d = dims(src, matrix)?;
+            if d != [n, n] {
+                return Err(Error::Options(format!(
+                    "{matrix}: {d:?} does not multiply {n}-wide rows"
+                )));
+            }
+            Ok(RowTransform::Blocks {
+                b: n,
+                blocks: src.read_f32(matrix)?,
+                shared: true,
             })
         }
         other => Err(Error::Options(format!(

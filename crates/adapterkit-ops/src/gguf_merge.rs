@@ -165,7 +165,17 @@ pub fn merge_gguf(
             ggml_type: ty,
         });
     }
-    let layout = gguf::layout(out, base.metadata(), &specs)?;
+    // Like export-lora: once merged tensors are widened to F16 the file is no longer "mostly"
+    // its quantized type; general.file_type says F16 (1), a label llama.cpp only displays.
+    let mut metadata = base.metadata().to_vec();
+    if !widened.is_empty() {
+        for (k, v) in &mut metadata {
+            if k == "general.file_type" {
+                *v = gguf::Value::U32(1);
+            }
+        }
+    }
+    let layout = gguf::layout(out, &metadata, &specs)?;
     let pending = GgufPending::create(out, layout)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads)

@@ -761,6 +761,7 @@ pub fn plan_direction<'a>(
                     tensor,
                     axis,
                     fan_in_fan_out,
+                    bias: scale_bias,
                 } => {
                     let Some(v) = ainfo(tensor) else { continue };
                     let n = v.numel();
@@ -787,7 +788,7 @@ pub fn plan_direction<'a>(
                         continue;
                     }
                     // PEFT also scales the bias of an output-scaled layer, when it has one.
-                    if *axis == ScaleAxis::Output {
+                    if *axis == ScaleAxis::Output && *scale_bias {
                         let bias = format!("{}.bias", m.module);
                         if base.info(&bias).is_some_and(|b| b.numel() == n) {
                             ops.entry(bias).or_default().push(OpSpec::Scale {
@@ -957,6 +958,59 @@ pub fn plan_direction<'a>(
                             file,
                             &m.target,
                             format!("shape mismatch: boft_R {:?} rotates {} inputs and boft_s {:?} scales {} outputs, but the base tensor is {:?}", tr.shape, tr.shape[1] * tr.shape[2], ts.shape, ts.numel(), info.shape),
+                        ));
+                        continue;
+                    }
+                    OpSpec::Transform {
+                        adapter: ai,
+                        payload: m.payload.clone(),
+                        transposed: *fan_in_fan_out,
+                        weight,
+                    }
+                }
+                Payload::Stages {
+                    blocks,
+                    perms,
+                    fan_in_fan_out,
+                } => {
+                    let (Some(tb), Some(tp)) = (ainfo(blocks), ainfo(perms)) else {
+                        continue;
+                    };
+                    let (rows, cols) = info.rows_cols();
+                    let in_dim = if *fan_in_fan_out { rows } else { cols };
+                    let ok = tb.shape.len() == 4
+                        && tp.shape.len() == 2
+                        && tp.shape[0] == tb.shape[0]
+                        && tp.shape[1] == in_dim
+                        && tb.shape[1] * tb.shape[2] == in_dim
+                        && tb.shape[2] == tb.shape[3];
+                    if !ok || info.shape.len() < 2 {
+                        problems.push(problem(
+                            file,
+                            &m.target,
+                            format!("shape mismatch: {blocks} {:?} and {perms} {:?} transform {in_dim}-wide vectors of the base tensor {:?}", tb.shape, tp.shape, info.shape),
+                        ));
+                        continue;
+                    }
+                    OpSpec::Transform {
+                        adapter: ai,
+                        payload: m.payload.clone(),
+                        transposed: *fan_in_fan_out,
+                        weight,
+                    }
+                }
+                Payload::RightMultiply {
+                    matrix,
+                    fan_in_fan_out,
+                } => {
+                    let Some(t) = ainfo(matrix) else { continue };
+                    let (rows, cols) = info.rows_cols();
+                    let in_dim = if *fan_in_fan_out { rows } else { cols };
+                    if t.shape != [in_dim, in_dim] || info.shape.len() < 2 {
+                        problems.push(problem(
+                            file,
+                            &m.target,
+                            format!("shape mismatch: {matrix} {:?} multiplies {in_dim}-wide rows of the base tensor {:?}", t.shape, info.shape),
                         ));
                         continue;
                     }
