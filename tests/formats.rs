@@ -450,3 +450,43 @@ fn formats_are_detected_from_content_and_forced_with_from() {
     ]));
     assert!(e.contains("diffusers"), "{e}");
 }
+
+#[test]
+fn check_reads_every_format() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Clean adapters of every format pass (exit 0).
+    for p in [
+        fixtures("flux").join("kohya_default/kohya_lora.safetensors"),
+        fixtures("lycoris").join("boft_rescale/adapter.safetensors"),
+        fixtures("kohya_sd").join("diffusers_peft/pytorch_lora_weights.safetensors"),
+        fixtures("mlx").join("lora_default/adapters"),
+        fixtures("gguf").join("plain/adapter_f32.gguf"),
+    ] {
+        let o = run(&[&"check", &p, &"--format", &"json"]);
+        ok(&o);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["findings"], serde_json::json!([]), "{}: {v}", p.display());
+        assert_eq!(v["targets"].as_array().unwrap().len(), 1, "{}", p.display());
+    }
+    // A truncated GGUF: AK002, naming the tensor that runs past the end.
+    let bytes = std::fs::read(fixtures("gguf").join("plain/adapter_f32.gguf")).unwrap();
+    let cut = tmp.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..3000]).unwrap();
+    let o = run(&[&"check", &cut]);
+    assert_eq!(o.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("AK002") && text.contains("blk.0"), "{text}");
+    // A LyCORIS file checked against a base it was not trained on: its names do not resolve.
+    let o = run(&[
+        &"check",
+        &fixtures("lycoris").join("loha/adapter.safetensors"),
+        &"--base",
+        &fixtures("mlx").join("base"),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("AK020") && text.contains("match no module"),
+        "{text}"
+    );
+}

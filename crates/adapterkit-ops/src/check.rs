@@ -107,13 +107,19 @@ pub enum Target {
     Pickled(PathBuf),
     /// A safetensors file.
     Safetensors(PathBuf),
+    /// An adapter in another ecosystem's format: a kohya/LyCORIS/diffusers `.safetensors` file,
+    /// a GGUF file or an mlx-lm directory.
+    Foreign(PathBuf),
 }
 
 impl Target {
     /// The path.
     pub fn path(&self) -> &Path {
         match self {
-            Target::Adapter(p) | Target::Pickled(p) | Target::Safetensors(p) => p,
+            Target::Adapter(p)
+            | Target::Pickled(p)
+            | Target::Safetensors(p)
+            | Target::Foreign(p) => p,
         }
     }
 }
@@ -131,10 +137,14 @@ pub fn discover(path: &Path) -> std::io::Result<Vec<Target>> {
 fn walk(path: &Path, depth: usize, out: &mut Vec<Target>) -> std::io::Result<()> {
     let meta = std::fs::symlink_metadata(path)?;
     if meta.is_file() {
-        out.push(Target::Safetensors(path.to_path_buf()));
+        out.push(file_target(path));
         return Ok(());
     }
     if !meta.is_dir() || depth > 16 {
+        return Ok(());
+    }
+    if adapterkit_formats::mlx::sniff(path) {
+        out.push(Target::Foreign(path.to_path_buf()));
         return Ok(());
     }
     // An adapter directory (its weights without a config are still an adapter: AK010).
@@ -160,11 +170,28 @@ fn walk(path: &Path, depth: usize, out: &mut Vec<Target>) -> std::io::Result<()>
         let m = std::fs::symlink_metadata(&e)?;
         if m.is_dir() {
             walk(&e, depth + 1, out)?;
-        } else if m.is_file() && e.extension().is_some_and(|x| x == "safetensors") {
-            out.push(Target::Safetensors(e));
+        } else if m.is_file()
+            && e.extension()
+                .is_some_and(|x| x == "safetensors" || x == "gguf")
+        {
+            out.push(file_target(&e));
         }
     }
     Ok(())
+}
+
+/// A file: GGUF, a kohya/LyCORIS/diffusers adapter, or any other safetensors file.
+fn file_target(path: &Path) -> Target {
+    use adapterkit_formats::convert::{detect, AdapterFormat};
+    if adapterkit_formats::gguf::GgufFile::sniff(path) {
+        return Target::Foreign(path.to_path_buf());
+    }
+    match detect(path) {
+        Ok(AdapterFormat::Kohya | AdapterFormat::Lycoris | AdapterFormat::Diffusers) => {
+            Target::Foreign(path.to_path_buf())
+        }
+        _ => Target::Safetensors(path.to_path_buf()),
+    }
 }
 
 /// PEFT's config fields and the release that introduced each (`formats/peft_config_fields.json`,
@@ -282,6 +309,8 @@ fn format_error(sink: &mut Sink, e: &FormatError) {
         e if is_layout_error(e) => sink.add("AK002", None, e.to_string()),
         E::DuplicateTensor { tensor, .. } => sink.add("AK003", Some(tensor), e.to_string()),
         E::PickleRefused { .. } => sink.add("AK004", None, e.to_string()),
+        E::Gguf { .. } => sink.add("AK002", None, e.to_string()),
+        E::Format { .. } => sink.add("AK020", None, e.to_string()),
         E::InvalidConfig { .. } => sink.add("AK010", None, e.to_string()),
         E::UnknownPeftType { .. } => sink.add("AK013", None, e.to_string()),
         E::UnsupportedPeftType { .. } => sink.add("AK014", None, e.to_string()),
@@ -319,8 +348,34 @@ pub fn check_target(target: &Target, base: Option<&Checkpoint>) -> Vec<Finding> 
             ),
         ),
         Target::Adapter(p) => check_adapter(&mut sink, p, base),
+        Target::Foreign(p) => check_foreign(&mut sink, p, base),
     }
     sink.out
+}
+
+/// Another ecosystem's adapter: read through its format (names resolved against the base when
+/// one is given), then the same IR rules as a PEFT adapter. A GGUF model (not an adapter) gets
+/// the container checks only.
+fn check_foreign(sink: &mut Sink, path: &Path, base: Option<&Checkpoint>) {
+    use adapterkit_formats::gguf::GgufFile;
+    if GgufFile::sniff(path) {
+        match GgufFile::open(path) {
+            Err(e) => return format_error(sink, &e),
+            Ok(g) if !adapterkit_formats::gguf_lora::is_adapter(&g) => return,
+            Ok(_) => {}
+        }
+    }
+    let names = base.map(adapterkit_formats::base_names::BaseNames::from_checkpoint);
+    match adapterkit_formats::convert::open(path, None, names.as_ref()) {
+        Ok(pa) => {
+            let config = serde_json::json!({});
+            adapter_rules(sink, &pa.adapter, &config);
+            if let Some(b) = base {
+                base_rules(sink, &pa.adapter, &config, b);
+            }
+        }
+        Err(e) => format_error(sink, &e),
+    }
 }
 
 fn check_safetensors(sink: &mut Sink, path: &Path) {
