@@ -490,3 +490,46 @@ fn check_reads_every_format() {
         "{text}"
     );
 }
+
+#[test]
+fn peft_round_trips_through_every_format() {
+    // PEFT (rank_pattern, alpha_pattern) → X → PEFT. kohya, LyCORIS and diffusers hold every
+    // module's scale, so the factors come back byte for byte; GGUF and mlx-lm have one alpha or
+    // scale per file, so scales are baked into B and only the merge is the same.
+    let peft = fixtures("peft").join("llama_lora/adapter");
+    let base = fixtures("peft").join("bases/llama");
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = tmp.path().join("reference.safetensors");
+    merge(&base, &peft, &reference, &[]);
+    let orig = SafetensorsFile::open(peft.join("adapter_model.safetensors")).unwrap();
+    for (to, ext, exact) in [
+        ("kohya", ".safetensors", true),
+        ("lycoris", ".safetensors", true),
+        ("diffusers", "", true),
+        ("gguf", ".gguf", false),
+        ("mlx", "", false),
+    ] {
+        let x = tmp.path().join(format!("x-{to}{ext}"));
+        convert(&peft, to, &x, &["--base", base.to_str().unwrap()]);
+        let back = tmp.path().join(format!("back-{to}"));
+        convert(&x, "peft", &back, &["--base", base.to_str().unwrap()]);
+        let out = tmp.path().join(format!("m-{to}.safetensors"));
+        merge(&base, &back, &out, &[]);
+        let d = close(&out, &reference, 1e-6);
+        if exact {
+            assert_eq!(d, 0.0, "{to}: the merge of the round trip differs");
+            let got = SafetensorsFile::open(back.join("adapter_model.safetensors")).unwrap();
+            for t in orig.tensors() {
+                let g = got
+                    .info(&t.name)
+                    .unwrap_or_else(|| panic!("{to}: no {}", t.name));
+                assert_eq!(g.shape, t.shape, "{to}: {}", t.name);
+                let mut a = vec![0u8; t.len as usize];
+                let mut b = vec![0u8; g.len as usize];
+                orig.read_bytes(&t.name, 0, &mut a).unwrap();
+                got.read_bytes(&t.name, 0, &mut b).unwrap();
+                assert_eq!(a, b, "{to}: {} changed", t.name);
+            }
+        }
+    }
+}

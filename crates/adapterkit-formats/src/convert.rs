@@ -177,17 +177,41 @@ pub fn write(
         AdapterFormat::Gguf => gguf_lora::write(adapter, out, opts),
         AdapterFormat::Mlx => {
             let mut notes = Vec::new();
-            let fs = all_factors(adapter, "mlx", out, &mut notes)?;
-            let scales: Vec<f64> = adapter
+            all_factors(adapter, "mlx", out, &mut notes)?;
+            // One scale for the file: the modules' own when they share one (factors copied as
+            // they are), else 1 with every module's scale baked into lora_b.
+            let scales: std::collections::BTreeSet<u64> = adapter
                 .modules
                 .iter()
                 .filter_map(|m| match &m.payload {
-                    Payload::LowRank(lr) => Some(lr.scale),
+                    Payload::LowRank(lr) => Some(lr.scale.to_bits()),
                     _ => None,
                 })
                 .collect();
-            if scales.iter().any(|s| *s != 1.0) {
-                notes.push("mlx-lm has one scale per adapter: each module's scale is baked into lora_b and scale is written as 1.0".into());
+            let common = match scales.len() {
+                1 => f64::from_bits(*scales.iter().next().expect("one")),
+                _ => {
+                    notes.push("mlx-lm has one scale per adapter: each module's scale is baked into lora_b and scale is written as 1.0".into());
+                    1.0
+                }
+            };
+            let mut fs = Vec::new();
+            for m in &adapter.modules {
+                if let Payload::LowRank(lr) = &m.payload {
+                    let ratio = if common == 1.0 {
+                        lr.scale
+                    } else {
+                        lr.scale / common
+                    };
+                    fs.push(factors(
+                        adapter,
+                        m,
+                        &LowRank {
+                            scale: ratio,
+                            ..lr.clone()
+                        },
+                    )?);
+                }
             }
             let ranks: std::collections::BTreeSet<u64> = fs.iter().map(|f| f.rank).collect();
             if ranks.len() > 1 {
@@ -196,7 +220,13 @@ pub fn write(
                     ranks.last().copied().unwrap_or(0)
                 ));
             }
-            let files = mlx::write(out, &fs, adapter.base_model.as_deref(), opts.overwrite)?;
+            let files = mlx::write(
+                out,
+                &fs,
+                common,
+                adapter.base_model.as_deref(),
+                opts.overwrite,
+            )?;
             Ok(Written { files, notes })
         }
     }

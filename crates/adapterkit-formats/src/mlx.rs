@@ -250,10 +250,12 @@ pub struct Factors {
 }
 
 /// Write `factors` as an mlx-lm adapter directory: one rank (the largest; smaller ones are padded
-/// with zeros, which changes nothing) and scale 1 (every module's own scale is already in `B`).
+/// with zeros, which changes nothing) and the one `scale` the file declares (what each module's
+/// `B` does not already carry).
 pub fn write(
     out: &Path,
     factors: &[Factors],
+    scale: f64,
     base_model: Option<&str>,
     overwrite: bool,
 ) -> Result<Vec<PathBuf>> {
@@ -357,7 +359,7 @@ pub fn write(
     let cfg = json!({
         "fine_tune_type": if dora { "dora" } else { "lora" },
         "num_layers": if max_layer.is_some() { -1 } else { 0 },
-        "lora_parameters": {"rank": rank, "scale": 1.0, "dropout": 0.0, "keys": keys.into_iter().collect::<Vec<_>>()},
+        "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": keys.into_iter().collect::<Vec<_>>()},
         "model": base_model,
     });
     let cfg_path = out.join("adapter_config.json");
