@@ -533,3 +533,42 @@ fn peft_round_trips_through_every_format() {
         }
     }
 }
+
+#[test]
+fn flux_in_dims_and_text_encoder_merge_per_component() {
+    // sd-scripts' in_dims modules (img_in, txt_in, time_in, …, which diffusers' loader drops
+    // silently) and CLIP-L keys in one file: each component merged on its own with --component.
+    let dir = fixtures("flux");
+    let tmp = tempfile::tempdir().unwrap();
+    let c = flux_case("kohya_in_dims_te1");
+    let lora = dir.join(s(&c, "lora"));
+    for (base, comp, want) in [
+        (
+            dir.join("base_bfl.safetensors"),
+            "transformer",
+            "merged_bfl",
+        ),
+        (
+            dir.join("base_diffusers"),
+            "transformer",
+            "merged_diffusers",
+        ),
+        (dir.join("base_te1"), "text_encoder", "merged_te1"),
+    ] {
+        let out = tmp.path().join(format!("{want}.safetensors"));
+        merge(&base, &lora, &out, &["--component", comp]);
+        close(&out, &dir.join(s(&c["expected"], want)), 1e-5);
+    }
+    // Without --component the CLIP keys have nowhere to go in a transformer checkpoint.
+    let e = failed(&run(&[
+        &"merge",
+        &dir.join("base_bfl.safetensors"),
+        &lora,
+        &"-o",
+        &tmp.path().join("x.safetensors"),
+    ]));
+    assert!(
+        e.contains("lora_te1_") && e.contains("base_bfl.safetensors"),
+        "{e}"
+    );
+}

@@ -283,6 +283,7 @@ fn run_merge(mut a: MergeArgs, direction: Direction) -> Result<()> {
         .and_then(|c| c.get("model_type"))
         .and_then(|v| v.as_str());
     let mut names = BaseNames::from_checkpoint(&base);
+    names.path = base_path.clone();
     names.only = a.component.clone();
     let adapters: Vec<WeightedAdapter> = open_adapters(
         &a.adapters,

@@ -84,7 +84,11 @@ pub fn detect(path: &Path) -> Result<AdapterFormat> {
         if mlx::sniff(path) {
             return Ok(AdapterFormat::Mlx);
         }
-        if path.join("adapter_config.json").is_file() || peft::resolve_dir(path).is_ok() {
+        if path.join("adapter_config.json").is_file()
+            || path.join("adapter_model.safetensors").is_file()
+            || path.join("adapter_model.bin").is_file()
+            || peft::resolve_dir(path).is_ok()
+        {
             return Ok(AdapterFormat::Peft);
         }
         let d = path.join(diffusers::FILE_NAME);
@@ -93,7 +97,7 @@ pub fn detect(path: &Path) -> Result<AdapterFormat> {
         }
         return Err(Error::NotFound {
             path: path.to_path_buf(),
-            message: format!("no adapter here: expected adapter_config.json (PEFT), adapters.safetensors + adapter_config.json (mlx-lm) or {}", diffusers::FILE_NAME),
+            message: format!("not a PEFT adapter directory (no adapter_config.json), nor an mlx-lm one (adapters.safetensors + adapter_config.json) or a diffusers one ({})", diffusers::FILE_NAME),
         });
     }
     if !path.is_file() {
@@ -173,9 +177,17 @@ pub fn write(
     match to {
         AdapterFormat::Peft => write_peft(adapter, out, opts),
         AdapterFormat::Kohya | AdapterFormat::Lycoris => kohya_write(adapter, to, out, opts),
-        AdapterFormat::Diffusers => diffusers::write(adapter, out, opts),
-        AdapterFormat::Gguf => gguf_lora::write(adapter, out, opts),
+        AdapterFormat::Diffusers => {
+            check_names(adapter, out, "diffusers")?;
+            diffusers::write(adapter, out, opts)
+        }
+
+        AdapterFormat::Gguf => {
+            check_names(adapter, out, "gguf")?;
+            gguf_lora::write(adapter, out, opts)
+        }
         AdapterFormat::Mlx => {
+            check_names(adapter, out, "mlx")?;
             let mut notes = Vec::new();
             all_factors(adapter, "mlx", out, &mut notes)?;
             // One scale for the file: the modules' own when they share one (factors copied as
@@ -712,10 +724,26 @@ fn kohya_write(
     let mut dims = Vec::new();
     let mut alphas = Vec::new();
     let mut algo = "lora";
-    // Flux: diffusers' separate projections fuse back into BFL's qkv / linear1.
+    // Flux: diffusers' separate projections fuse back into BFL's qkv / linear1. Only for Flux (an
+    // adapter or base with single_transformer_blocks): SD3 shares the double-block names.
+    let is_flux = adapter.modules.iter().any(|m| {
+        m.module
+            .starts_with("transformer.single_transformer_blocks.")
+    }) || opts.base.as_ref().is_some_and(|b| {
+        b.components.iter().any(|(_, n)| {
+            n.tensors
+                .iter()
+                .any(|(t, _)| t.starts_with("single_transformer_blocks."))
+        })
+    });
+    let flux_module = |m: &str| {
+        m.strip_prefix("transformer.")
+            .filter(|_| is_flux)
+            .map(str::to_string)
+    };
     let mut fused: BTreeMap<String, Vec<(usize, usize, &ModuleAdapter)>> = BTreeMap::new();
     for m in &adapter.modules {
-        if let Some(rest) = m.module.strip_prefix("transformer.") {
+        if let Some(rest) = flux_module(&m.module).as_deref() {
             if let Some((flat, k, n)) = crate::flux::fused_for(rest) {
                 if n > 1 || rest.starts_with("norm_out") {
                     fused.entry(flat).or_default().push((k, n, m));
@@ -724,9 +752,8 @@ fn kohya_write(
             }
         }
         let (prefix, path) = kohya_name(&m.module, lycoris, sdxl);
-        let path = match m
-            .module
-            .strip_prefix("transformer.")
+        let path = match flux_module(&m.module)
+            .as_deref()
             .and_then(crate::flux::fused_for)
         {
             Some((flat, _, _)) => flat,

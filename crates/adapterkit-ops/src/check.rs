@@ -490,7 +490,9 @@ fn kohya_model_hash(file: &SafetensorsFile) -> adapterkit_core::Result<String> {
 fn metadata_rules(sink: &mut Sink, file: &SafetensorsFile) {
     let Some(meta) = file.metadata() else { return };
     let get = |k: &str| meta.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    if let Some(want) = get("sshs_model_hash") {
+    // LyCORIS writes "0x" + the sha256 of its tensors in the network's module order, which the
+    // file does not record: that form cannot be verified from the file and is not checked.
+    if let Some(want) = get("sshs_model_hash").filter(|h| !h.starts_with("0x")) {
         match kohya_model_hash(file) {
             Ok(got) if got.eq_ignore_ascii_case(want.trim()) => {}
             Ok(got) => sink.add(
