@@ -320,7 +320,8 @@ pub(crate) fn all_factors(
     Ok(fs)
 }
 
-fn most_common<T: Ord + Clone>(v: impl IntoIterator<Item = T>) -> Option<T> {
+/// The most frequent value (the smallest among equally frequent ones).
+pub(crate) fn most_common<T: Ord + Clone>(v: impl IntoIterator<Item = T>) -> Option<T> {
     let mut counts: BTreeMap<T, usize> = BTreeMap::new();
     for x in v {
         *counts.entry(x).or_default() += 1;

@@ -13,9 +13,10 @@ use adapterkit_core::TensorInfo;
 use serde_json::{json, Map, Value};
 
 use crate::base_names::{BaseNames, COMPONENTS};
-use crate::convert::{fmt_err, WriteOptions, Written};
+use crate::convert::{fmt_err, most_common, WriteOptions, Written};
 use crate::error::Result;
 use crate::memory::{scalar, MemorySource};
+use crate::peft::LoraConfig;
 use crate::peft::PeftAdapter;
 use crate::safetensors::{write_small, SafetensorsFile, TensorSpec};
 
@@ -54,28 +55,20 @@ pub fn sniff(file: &SafetensorsFile) -> bool {
     !file.tensors().is_empty() && file.tensors().iter().all(|t| split(&t.name).is_some())
 }
 
-fn config_for<'a>(meta: &'a Map<String, Value>, comp: &str) -> Map<String, Value> {
-    // diffusers packs each component's LoraConfig dict as "<component>.<field>".
+/// One component's LoraConfig: diffusers packs each as `"<component>.<field>"`. `None` when the
+/// file has no config for it (diffusers then takes `lora_alpha = r`).
+fn config_for(path: &Path, meta: &Map<String, Value>, comp: &str) -> Result<Option<LoraConfig>> {
     let mut out = Map::new();
     for (k, v) in meta {
         if let Some(f) = k.strip_prefix(&format!("{comp}.")) {
             out.insert(f.to_string(), v.clone());
         }
     }
-    let _: &'a () = &();
-    out
-}
-
-fn pattern_value(pat: Option<&Value>, module: &str) -> Option<f64> {
-    let obj = pat?.as_object()?;
-    // PEFT: the first key whose regex matches the end of the module path at a '.' boundary.
-    for (k, v) in obj {
-        let re = regex::Regex::new(&format!(r"^(.*\.)?{k}$")).ok()?;
-        if re.is_match(module) {
-            return v.as_f64();
-        }
+    if out.is_empty() {
+        return Ok(None);
     }
-    None
+    out.entry("peft_type").or_insert(json!("LORA"));
+    LoraConfig::from_json(path, &Value::Object(out)).map(Some)
 }
 
 /// Open a diffusers LoRA file (or the directory holding `pytorch_lora_weights.safetensors`).
@@ -152,21 +145,16 @@ pub fn open(path: &Path, base: Option<&BaseNames>) -> Result<PeftAdapter> {
             return Err(fmt_err(&file_path, "diffusers", format!("{comp}.{module}: lora_B.bias (lora_bias) is not supported in diffusers files by this version")));
         }
         let rank = a.shape[0];
-        let cfg = config_for(&meta, comp);
-        let alpha = match parts.get("alpha") {
-            Some(t) => scalar(&*file, &t.name)?,
-            None => pattern_value(cfg.get("alpha_pattern"), module)
-                .or_else(|| cfg.get("lora_alpha").and_then(Value::as_f64))
-                .unwrap_or(rank as f64),
+        let cfg = config_for(&file_path, &meta, comp)?;
+        let alpha = match (parts.get("alpha"), &cfg) {
+            (Some(t), _) => scalar(&*file, &t.name)?,
+            (None, Some(c)) => c.alpha_for(module),
+            (None, None) => rank as f64,
         };
-        let rslora = cfg
-            .get("use_rslora")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let scale = if rslora {
-            alpha / (rank as f64).sqrt()
-        } else {
-            alpha / rank as f64
+        let rslora = cfg.as_ref().is_some_and(|c| c.use_rslora);
+        let scale = match &cfg {
+            Some(c) => c.scale(alpha, rank),
+            None => alpha / rank as f64,
         };
         let layer = if a.shape.len() > 2 {
             LayerKind::Conv {
@@ -417,8 +405,8 @@ pub fn write(adapter: &Adapter, out: &Path, opts: &WriteOptions) -> Result<Writt
     }
     let mut meta = Map::new();
     for (comp, mods) in &per_comp {
-        let r = most(mods.iter().map(|m| m.1));
-        let alpha = f64::from_bits(most(mods.iter().map(|m| m.2.to_bits())));
+        let r = most_common(mods.iter().map(|m| m.1)).unwrap_or(0);
+        let alpha = f64::from_bits(most_common(mods.iter().map(|m| m.2.to_bits())).unwrap_or(0));
         let mut rp = Map::new();
         let mut ap = Map::new();
         for (m, rk, a, _) in mods {
@@ -451,15 +439,4 @@ pub fn write(adapter: &Adapter, out: &Path, opts: &WriteOptions) -> Result<Writt
         files: vec![out_file],
         notes,
     })
-}
-
-fn most<T: Ord + Copy>(v: impl Iterator<Item = T>) -> T {
-    let mut c: BTreeMap<T, usize> = BTreeMap::new();
-    for x in v {
-        *c.entry(x).or_default() += 1;
-    }
-    c.into_iter()
-        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
-        .map(|(k, _)| k)
-        .expect("non-empty")
 }

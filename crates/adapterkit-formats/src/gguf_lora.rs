@@ -117,6 +117,26 @@ pub fn permute_rows(rows: usize, n_head: usize) -> Vec<usize> {
     out
 }
 
+/// The rows of `v` (`rows` of them) in GGUF order: row `g` is HF row `permute_rows(…)[g]`.
+pub fn permute(v: &[f32], rows: usize, n_head: usize) -> Vec<f32> {
+    let w = v.len() / rows.max(1);
+    let mut out = vec![0f32; v.len()];
+    for (g, &h) in permute_rows(rows, n_head).iter().enumerate() {
+        out[g * w..(g + 1) * w].copy_from_slice(&v[h * w..(h + 1) * w]);
+    }
+    out
+}
+
+/// The inverse of [`permute`]: GGUF rows back in HF order.
+pub fn unpermute(v: &[f32], rows: usize, n_head: usize) -> Vec<f32> {
+    let w = v.len() / rows.max(1);
+    let mut out = vec![0f32; v.len()];
+    for (g, &h) in permute_rows(rows, n_head).iter().enumerate() {
+        out[h * w..(h + 1) * w].copy_from_slice(&v[g * w..(g + 1) * w]);
+    }
+    out
+}
+
 /// Head counts from an HF config: `(n_head, n_head_kv)`.
 fn heads(cfg: &Value) -> Option<(usize, usize)> {
     let n = cfg.get("num_attention_heads")?.as_u64()? as usize;
@@ -239,13 +259,7 @@ pub fn open(path: &Path, base: Option<&BaseNames>) -> Result<PeftAdapter> {
                     let cfg = base.config.as_ref().expect("filtered");
                     let (n, kv) = heads(cfg).ok_or_else(|| err(format!("{gmod}: undoing llama.cpp's q/k permute needs num_attention_heads in the base's config.json")))?;
                     let rows = b_shape[0] as usize;
-                    let perm = permute_rows(rows, if is_q { n } else { kv });
-                    let r = rank as usize;
-                    let mut un = vec![0f32; bv.len()];
-                    for (g, &h) in perm.iter().enumerate() {
-                        un[h * r..(h + 1) * r].copy_from_slice(&bv[g * r..(g + 1) * r]);
-                    }
-                    bv = un;
+                    bv = unpermute(&bv, rows, if is_q { n } else { kv });
                 }
                 hf
             }
@@ -370,15 +384,11 @@ pub fn write(adapter: &Adapter, out: &Path, opts: &WriteOptions) -> Result<Writt
         }
         fs.push((m, lr.clone()));
     }
-    let alpha = {
-        let mut c: BTreeMap<u64, usize> = BTreeMap::new();
-        for (_, lr) in &fs {
-            *c.entry((lr.scale * lr.rank as f64).to_bits()).or_default() += 1;
-        }
-        c.into_iter()
-            .max_by_key(|x| x.1)
-            .map_or(0.0, |(k, _)| f64::from_bits(k))
-    };
+    let alpha = crate::convert::most_common(
+        fs.iter()
+            .map(|(_, lr)| (lr.scale * lr.rank as f64).to_bits()),
+    )
+    .map_or(0.0, f64::from_bits);
     let alpha32 = alpha as f32;
     let mut tensors: Vec<(GgufSpec, Vec<u8>)> = Vec::new();
     let mut baked = 0;
@@ -415,13 +425,7 @@ pub fn write(adapter: &Adapter, out: &Path, opts: &WriteOptions) -> Result<Writt
         if map.permute_qk && (is_q || is_k) && !m.module.starts_with("blk.") {
             let (n, kv) = head_counts.ok_or_else(|| err(format!("module {}: the Llama q/k permute needs the head counts; pass --base (the Hugging Face model)", m.module)))?;
             let rows = f.b_shape[0] as usize;
-            let r = f.rank as usize;
-            let perm = permute_rows(rows, if is_q { n } else { kv });
-            let mut p = vec![0f32; f.b.len()];
-            for (g, &h) in perm.iter().enumerate() {
-                p[g * r..(g + 1) * r].copy_from_slice(&f.b[h * r..(h + 1) * r]);
-            }
-            f.b = p;
+            f.b = permute(&f.b, rows, if is_q { n } else { kv });
         }
         let mut a_shape = f.a_shape.clone();
         if matches!(lr.layer, LayerKind::Embedding) {
@@ -493,12 +497,7 @@ pub fn to_gguf_names(adapter: &mut Adapter, arch: &str, base: &BaseNames) -> Res
                 if map.permute_qk && (is_q || is_k) {
                     let heads = if is_q { n_head } else { n_kv }.ok_or_else(|| fmt_err(&adapter.path, "gguf", format!("{g}: the base has no {arch}.attention.head_count for the q/k permute")))?;
                     let (bv, shape, dtype) = crate::convert::read(adapter, &lr.b)?;
-                    let r = lr.rank as usize;
-                    let perm = permute_rows(shape[0] as usize, heads as usize);
-                    let mut p = vec![0f32; bv.len()];
-                    for (gr, &h) in perm.iter().enumerate() {
-                        p[gr * r..(gr + 1) * r].copy_from_slice(&bv[h * r..(h + 1) * r]);
-                    }
+                    let p = permute(&bv, shape[0] as usize, heads as usize);
                     let name = format!("{}.gguf_permuted", lr.b);
                     mem.insert_f32(
                         &name,
@@ -514,8 +513,7 @@ pub fn to_gguf_names(adapter: &mut Adapter, arch: &str, base: &BaseNames) -> Res
                     // DoRA's magnitude is one value per output row: its rows move too.
                     if let Some(mag) = &lr.magnitude {
                         let (mv, mshape, mdt) = crate::convert::read(adapter, mag)?;
-                        let mperm = permute_rows(mv.len(), heads as usize);
-                        let pm: Vec<f32> = mperm.iter().map(|&h| mv[h]).collect();
+                        let pm = permute(&mv, mv.len(), heads as usize);
                         let name = format!("{mag}.gguf_permuted");
                         let mdt = if mdt.is_writable_float() {
                             mdt
@@ -543,12 +541,7 @@ pub fn to_gguf_names(adapter: &mut Adapter, arch: &str, base: &BaseNames) -> Res
                 };
                 let (v, shape, dtype) = crate::convert::read(adapter, tensor)?;
                 let rows = shape.first().copied().unwrap_or(1) as usize;
-                let w = v.len() / rows.max(1);
-                let perm = permute_rows(rows, heads as usize);
-                let mut p = vec![0f32; v.len()];
-                for (gr, &h) in perm.iter().enumerate() {
-                    p[gr * w..(gr + 1) * w].copy_from_slice(&v[h * w..(h + 1) * w]);
-                }
+                let p = permute(&v, rows, heads as usize);
                 let name = format!("{tensor}.gguf_permuted");
                 mem.insert_f32(
                     &name,

@@ -615,31 +615,8 @@ fn build(
                 "alpha",
             ],
         )?;
-        let name = |k: &str| parts.get(k).map(|t| t.name.clone());
-        let w1 = match (name("lokr_w1"), name("lokr_w1_a"), name("lokr_w1_b")) {
-            (Some(w), None, None) => KronFactor::Full(w),
-            (None, Some(a), Some(b)) => KronFactor::Product { a, b },
-            _ => {
-                return Err(format!(
-                    "{flat}: LoKr needs lokr_w1, or lokr_w1_a and lokr_w1_b"
-                ))
-            }
-        };
-        let w2 = match (
-            name("lokr_w2"),
-            name("lokr_w2_a"),
-            name("lokr_w2_b"),
-            name("lokr_t2"),
-        ) {
-            (Some(w), None, None, None) => KronFactor::Full(w),
-            (None, Some(a), Some(b), None) => KronFactor::Product { a, b },
-            (None, Some(a), Some(b), Some(t)) => KronFactor::Tucker { t, a, b },
-            _ => {
-                return Err(format!(
-                    "{flat}: LoKr needs lokr_w2, lokr_w2_a and lokr_w2_b, or those with lokr_t2"
-                ))
-            }
-        };
+        let (w1, w2) = crate::peft_families::kron_factors(|k| parts.get(k).map(|t| t.name.clone()))
+            .map_err(|e| format!("{flat}: {e}"))?;
         let full = matches!(w1, KronFactor::Full(_)) && matches!(w2, KronFactor::Full(_));
         let rank = parts
             .get("lokr_w1_b")
@@ -777,6 +754,46 @@ fn skew_clamped(v: &[f32], b: usize, limit: f64) -> Vec<f64> {
     q
 }
 
+/// The norm constraint of a LyCORIS OFT module (`alpha`; 0 or absent: none). The effective
+/// bound is `alpha·out` over all blocks together.
+fn oft_constraint(parts: &Parts, src: &dyn TensorSource) -> std::result::Result<f64, String> {
+    match parts.get("alpha") {
+        Some(a) => scalar(src, &a.name).map_err(|e| e.to_string()),
+        None => Ok(0.0),
+    }
+}
+
+/// LyCORIS OFT's optional `rescale (out, 1…)`: an output scaling that leaves the bias alone.
+fn oft_rescale(
+    flat: &str,
+    parts: &Parts,
+    out: usize,
+    family: Family,
+    mem: &mut MemorySource,
+) -> std::result::Result<Option<(&'static str, Family, Payload)>, String> {
+    let Some(r) = parts.get("rescale") else {
+        return Ok(None);
+    };
+    if r.numel() != out as u64 {
+        return Err(format!(
+            "{flat}.rescale: shape {:?}, expected {out} values",
+            r.shape
+        ));
+    }
+    let name = format!("{flat}.rescale.flat");
+    mem.alias(&name, &r.name, vec![r.numel()]);
+    Ok(Some((
+        "weight",
+        family,
+        Payload::Scale {
+            tensor: name,
+            axis: ScaleAxis::Output,
+            fan_in_fan_out: false,
+            bias: false,
+        },
+    )))
+}
+
 /// `(I − Q)(I + Q)⁻¹` for a skew `b×b` `Q`: the transpose of LyCORIS's `R = (I+Q)(I−Q)⁻¹`.
 fn cayley_transpose(q: &[f64], b: usize) -> Option<Vec<f64>> {
     // Solve X·(I + Q) = (I − Q)  ⇔  (I + Q)ᵀ·Xᵀ = (I − Q)ᵀ by Gauss–Jordan on the transposes.
@@ -842,10 +859,7 @@ fn boft(
     }
     let out = n * b;
     let v = src.read_f32(&t.name).map_err(|e| e.to_string())?;
-    let alpha = match parts.get("alpha") {
-        Some(a) => scalar(src, &a.name).map_err(|e| e.to_string())?,
-        None => 0.0,
-    };
+    let alpha = oft_constraint(parts, src)?;
     let q = skew_clamped(&v, b, alpha * out as f64);
     let mut blocks = Vec::with_capacity(m * n * b * b);
     for (i, qb) in q.chunks_exact(b * b).enumerate() {
@@ -889,26 +903,7 @@ fn boft(
             fan_in_fan_out: true,
         },
     )];
-    if let Some(r) = parts.get("rescale") {
-        if r.numel() != out as u64 {
-            return Err(format!(
-                "{flat}.rescale: shape {:?}, expected {out} values",
-                r.shape
-            ));
-        }
-        let name = format!("{flat}.rescale.flat");
-        mem.alias(&name, &r.name, vec![r.numel()]);
-        res.push((
-            "weight",
-            Family::Boft,
-            Payload::Scale {
-                tensor: name,
-                axis: ScaleAxis::Output,
-                fan_in_fan_out: false,
-                bias: false,
-            },
-        ));
-    }
+    res.extend(oft_rescale(flat, parts, out, Family::Boft, mem)?);
     Ok(res)
 }
 
@@ -933,29 +928,14 @@ fn diag_oft(
     }
     let v = src.read_f32(&t.name).map_err(|e| e.to_string())?;
     let tri = b * (b - 1) / 2;
+    let alpha = oft_constraint(parts, src)?;
+    let q = skew_clamped(&v, b, alpha * (n * b) as f64);
     let mut packed = Vec::with_capacity(n * tri);
-    for blk in v.chunks_exact(b * b) {
+    for blk in q.chunks_exact(b * b) {
         for p in 0..b {
-            for q in p + 1..b {
-                packed.push(blk[p * b + q] - blk[q * b + p]);
+            for r in p + 1..b {
+                packed.push(blk[p * b + r] as f32);
             }
-        }
-    }
-    let alpha = match parts.get("alpha") {
-        Some(a) => scalar(src, &a.name).map_err(|e| e.to_string())?,
-        None => 0.0,
-    };
-    let limit = alpha * (n * b) as f64;
-    if limit > 0.0 {
-        let norm = (2.0
-            * packed
-                .iter()
-                .map(|x| f64::from(*x) * f64::from(*x))
-                .sum::<f64>())
-        .sqrt();
-        if norm + 1e-8 > limit {
-            let f = (limit / (norm + 1e-8)) as f32;
-            packed.iter_mut().for_each(|x| *x *= f);
         }
     }
     let name = format!("{flat}.oft_generators");
@@ -974,27 +954,7 @@ fn diag_oft(
             embedding: false,
         }),
     )];
-    if let Some(r) = parts.get("rescale") {
-        if r.numel() != (n * b) as u64 {
-            return Err(format!(
-                "{flat}.rescale: shape {:?}, expected {} values",
-                r.shape,
-                n * b
-            ));
-        }
-        let name = format!("{flat}.rescale.flat");
-        mem.alias(&name, &r.name, vec![r.numel()]);
-        out.push((
-            "weight",
-            Family::Oft,
-            Payload::Scale {
-                tensor: name,
-                axis: ScaleAxis::Output,
-                fan_in_fan_out: false,
-                bias: false,
-            },
-        ));
-    }
+    out.extend(oft_rescale(flat, parts, n * b, Family::Oft, mem)?);
     Ok(out)
 }
 

@@ -308,28 +308,10 @@ fn lokr(
     let (groups, full) = group(file, &roles, problems);
     let mut out = Vec::new();
     for (module, parts) in groups {
-        let name = |r: &str| parts.get(r).map(|t| t.name.clone());
-        let w1 = match (name("lokr_w1"), name("lokr_w1_a"), name("lokr_w1_b")) {
-            (Some(w), None, None) => KronFactor::Full(w),
-            (None, Some(a), Some(b)) => KronFactor::Product { a, b },
-            _ => {
-                problems.push(format!(
-                    "module {module:?}: LoKr needs lokr_w1, or lokr_w1_a and lokr_w1_b"
-                ));
-                continue;
-            }
-        };
-        let w2 = match (
-            name("lokr_w2"),
-            name("lokr_w2_a"),
-            name("lokr_w2_b"),
-            name("lokr_t2"),
-        ) {
-            (Some(w), None, None, None) => KronFactor::Full(w),
-            (None, Some(a), Some(b), None) => KronFactor::Product { a, b },
-            (None, Some(a), Some(b), Some(t)) => KronFactor::Tucker { t, a, b },
-            _ => {
-                problems.push(format!("module {module:?}: LoKr needs lokr_w2, lokr_w2_a and lokr_w2_b, or those with lokr_t2"));
+        let (w1, w2) = match kron_factors(|r| parts.get(r).map(|t| t.name.clone())) {
+            Ok(f) => f,
+            Err(e) => {
+                problems.push(format!("module {module:?}: {e}"));
                 continue;
             }
         };
@@ -359,6 +341,30 @@ fn lokr(
     }
     out.extend(replacements(full, Family::Lokr));
     out
+}
+
+/// A LoKr module's two factors from its keys (`lokr_w1` or `lokr_w1_a`/`_b`; `lokr_w2`, or
+/// `lokr_w2_a`/`_b` with an optional Tucker core `lokr_t2`), as PEFT and LyCORIS both save them.
+pub(crate) fn kron_factors(
+    name: impl Fn(&str) -> Option<String>,
+) -> std::result::Result<(KronFactor, KronFactor), &'static str> {
+    let w1 = match (name("lokr_w1"), name("lokr_w1_a"), name("lokr_w1_b")) {
+        (Some(w), None, None) => KronFactor::Full(w),
+        (None, Some(a), Some(b)) => KronFactor::Product { a, b },
+        _ => return Err("LoKr needs lokr_w1, or lokr_w1_a and lokr_w1_b"),
+    };
+    let w2 = match (
+        name("lokr_w2"),
+        name("lokr_w2_a"),
+        name("lokr_w2_b"),
+        name("lokr_t2"),
+    ) {
+        (Some(w), None, None, None) => KronFactor::Full(w),
+        (None, Some(a), Some(b), None) => KronFactor::Product { a, b },
+        (None, Some(a), Some(b), Some(t)) => KronFactor::Tucker { t, a, b },
+        _ => return Err("LoKr needs lokr_w2, lokr_w2_a and lokr_w2_b, or those with lokr_t2"),
+    };
+    Ok((w1, w2))
 }
 
 fn json_bool(json: &Value, key: &str, default: bool) -> bool {
