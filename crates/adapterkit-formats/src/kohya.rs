@@ -213,6 +213,11 @@ pub(crate) fn resolve(
                 }
             }
         }
+        if prefix == "lora_unet_" {
+            if let Some(m) = crate::sgm::to_diffusers(rest, names) {
+                return Ok(Resolved::One(join(c, &m)));
+            }
+        }
         if let Some(parts) = flux::split_for(rest, names) {
             if let [(m, _)] = parts.as_slice() {
                 if !m.starts_with('~') {

@@ -30,6 +30,7 @@ pub mod peft_families;
 pub mod quants;
 pub mod recipe;
 pub mod safetensors;
+pub mod sgm;
 
 pub use adapter_writer::AdapterWriter;
 pub use checkpoint::Checkpoint;
