@@ -572,3 +572,36 @@ fn flux_in_dims_and_text_encoder_merge_per_component() {
         "{e}"
     );
 }
+
+#[test]
+fn sdxl_kohya_names_merge_into_a_diffusers_pipeline() {
+    // sd-scripts trains SDXL on Stability's original UNet names (input_blocks_4_1_…); they are
+    // resolved onto diffusers' down/mid/up blocks as diffusers' own loader maps them
+    // (fixtures/kohya_sdxl: 147 modules, convs, up/downsamplers, time/label embeddings, two CLIPs).
+    let dir = fixtures("kohya_sdxl");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m");
+    merge(&dir.join("base"), &dir.join("lora.safetensors"), &out, &[]);
+    for comp in ["unet", "text_encoder", "text_encoder_2"] {
+        close(
+            &out.join(comp),
+            &dir.join(format!("merged_{comp}.safetensors")),
+            1e-5,
+        );
+    }
+    // … and to diffusers' format and back: the same merge.
+    let d = tmp.path().join("d");
+    convert(
+        &dir.join("lora.safetensors"),
+        "diffusers",
+        &d,
+        &["--base", dir.join("base").to_str().unwrap()],
+    );
+    let out = tmp.path().join("m2");
+    merge(&dir.join("base"), &d, &out, &[]);
+    close(
+        &out.join("unet"),
+        &dir.join("merged_unet.safetensors"),
+        1e-5,
+    );
+}

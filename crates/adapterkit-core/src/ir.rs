@@ -390,11 +390,14 @@ pub enum Payload {
     /// the config numbers its math needs. The math lives with the executor's family code.
     Tuner(Tuner),
     /// `W ← W · M`: every input-space row of the weight (PEFT's `(out, in·k…)` orientation)
-    /// times a square matrix `M` (LyCORIS GLoRA's `W + s·W·a1·a2` is `M = I + s·a1·a2`, expanded
-    /// over a conv kernel as `M ⊗ I`).
+    /// times a square matrix `M` over the input channels, at every kernel position (LyCORIS
+    /// GLoRA's `W + s·W·a1·a2` is `M = I + s·a1·a2`).
     RightMultiply {
-        /// `M (in·k…, in·k…)`, row-major.
+        /// `M (in, in)`, row-major.
         matrix: String,
+        /// Kernel positions `k…` (1 for a linear layer): the weight's rows are `(in, k…)` and `M`
+        /// acts on the input channels at every position.
+        kernel: u64,
         /// Whether the stored weight is `(in, out)`.
         fan_in_fan_out: bool,
     },

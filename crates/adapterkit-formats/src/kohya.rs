@@ -1027,20 +1027,10 @@ fn glora(
             }
         }
     }
-    // A conv weight's rows are (in, kh, kw) flattened: the same M at every kernel position.
-    let kernel: usize = b2.shape[2..].iter().product::<u64>() as usize;
-    let n = inp * kernel;
-    let mut big = vec![0f32; n * n];
-    for i in 0..inp {
-        for j in 0..inp {
-            let v = m[i * inp + j] as f32;
-            for p in 0..kernel {
-                big[(i * kernel + p) * n + j * kernel + p] = v;
-            }
-        }
-    }
+    let kernel: u64 = b2.shape[2..].iter().product();
+    let flat_m: Vec<f32> = m.iter().map(|&x| x as f32).collect();
     let name = format!("{flat}.glora_matrix");
-    mem.insert_f32(&name, DType::F32, vec![n as u64, n as u64], &big)
+    mem.insert_f32(&name, DType::F32, vec![inp as u64, inp as u64], &flat_m)
         .map_err(|e| e.to_string())?;
     let layer = if b2.shape.len() > 2 {
         LayerKind::Conv {
@@ -1057,6 +1047,7 @@ fn glora(
             Family::Tuner("glora"),
             Payload::RightMultiply {
                 matrix: name,
+                kernel,
                 fan_in_fan_out: false,
             },
         ),

@@ -298,6 +298,16 @@ pub enum RowTransform {
         /// Output scaling, one per output unit.
         scale: Vec<f32>,
     },
+    /// One `n×n` matrix applied at every kernel position of a conv row laid out `(n, k)`:
+    /// `x[:, p] ← x[:, p] · M` for each `p < k` (LyCORIS GLoRA on a conv).
+    Strided {
+        /// Channels.
+        n: usize,
+        /// Kernel positions.
+        k: usize,
+        /// `M (n, n)`, row-major.
+        m: Vec<f32>,
+    },
     /// Reflections in order: `x ← x − 2 (x·u) u` for each unit row `u` of `us` (`r × n`).
     Reflections {
         /// Vector length.
@@ -331,6 +341,11 @@ impl RowTransform {
                 b: *b,
                 blocks: transpose_blocks(blocks, *b),
                 shared: *shared,
+            },
+            RowTransform::Strided { n, k, m } => RowTransform::Strided {
+                n: *n,
+                k: *k,
+                m: transpose_blocks(m, *n),
             },
             RowTransform::Reflections { n, us } => RowTransform::Reflections {
                 n: *n,
@@ -398,6 +413,20 @@ impl RowTransform {
                     // x = P y: x[i] = y[perm[i]].
                     for (i, &p) in perm.iter().enumerate() {
                         x[i] = y[p];
+                    }
+                }
+            }
+            RowTransform::Strided { n, k, m } => {
+                let (n, k) = (*n, *k);
+                tmp.resize(2 * n, 0.0);
+                let (v, w) = tmp.split_at_mut(n);
+                for p in 0..k {
+                    for (i, vi) in v.iter_mut().enumerate() {
+                        *vi = x[i * k + p];
+                    }
+                    vec_mat(v, m, w);
+                    for (i, wi) in w.iter().enumerate() {
+                        x[i * k + p] = *wi;
                     }
                 }
             }
@@ -754,17 +783,23 @@ pub fn row_transform(src: &dyn TensorSource, payload: &Payload, n: usize) -> Res
                 scale: Vec::new(),
             })
         }
-        Payload::RightMultiply { matrix, .. } => {
+        Payload::RightMultiply { matrix, kernel, .. } => {
             let d = dims(src, matrix)?;
-            if d != [n, n] {
+            let k = *kernel as usize;
+            if d.len() != 2 || d[0] != d[1] || d[0] * k != n {
                 return Err(Error::Options(format!(
-                    "{matrix}: {d:?} does not multiply {n}-wide rows"
+                    "{matrix}: {d:?} at {k} kernel positions does not multiply {n}-wide rows"
                 )));
             }
-            Ok(RowTransform::Blocks {
-                b: n,
-                blocks: src.read_f32(matrix)?,
-                shared: true,
+            let m = src.read_f32(matrix)?;
+            Ok(if k == 1 {
+                RowTransform::Blocks {
+                    b: n,
+                    blocks: m,
+                    shared: true,
+                }
+            } else {
+                RowTransform::Strided { n: d[0], k, m }
             })
         }
         other => Err(Error::Options(format!(

@@ -1001,12 +1001,14 @@ pub fn plan_direction<'a>(
                 }
                 Payload::RightMultiply {
                     matrix,
+                    kernel,
                     fan_in_fan_out,
                 } => {
                     let Some(t) = ainfo(matrix) else { continue };
                     let (rows, cols) = info.rows_cols();
                     let in_dim = if *fan_in_fan_out { rows } else { cols };
-                    if t.shape != [in_dim, in_dim] || info.shape.len() < 2 {
+                    let square = t.shape.len() == 2 && t.shape[0] == t.shape[1];
+                    if !square || t.shape[0] * kernel != in_dim || info.shape.len() < 2 {
                         problems.push(problem(
                             file,
                             &m.target,
