@@ -605,3 +605,32 @@ fn sdxl_kohya_names_merge_into_a_diffusers_pipeline() {
         1e-5,
     );
 }
+
+#[test]
+fn fuzz_found_inputs_are_refused_cleanly() {
+    // fixtures/fuzz-regressions/formats: inputs the fuzz targets (gguf_file, adapter_formats)
+    // and hand-built cases turned up — 0-D factors, empty or huge dimensions, 64 BOFT stages,
+    // integer GGUF factors. Each must be a clean error from every reader, never a panic or an
+    // allocation the file does not back.
+    let dir = fixtures("fuzz-regressions").join("formats");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "md") {
+            continue;
+        }
+        for cmd in ["inspect", "check"] {
+            let o = run(&[&cmd, &p]);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(!err.contains("panicked"), "{cmd} {}: {err}", p.display());
+            assert!(
+                !o.status.success() || cmd == "check",
+                "{cmd} {}: accepted",
+                p.display()
+            );
+            assert!(o.status.code() != Some(101), "{cmd} {}: {err}", p.display());
+        }
+        n += 1;
+    }
+    assert_eq!(n, 13);
+}

@@ -67,6 +67,153 @@ CONFIGS = {
 }
 
 
+GGUF_FILES = {
+    "all_types": "gguf/container/all_types.gguf",
+    "extra_types": "gguf/container/extra_types.gguf",
+    "nested_array": "gguf/container/nested_array.gguf",
+    "adapter_f32": "gguf/plain/adapter_f32.gguf",
+    "adapter_q8_0": "gguf/plain/adapter_q8_0.gguf",
+    "embed_head_f16": "gguf/embed_head/adapter_f16.gguf",
+}
+
+# adapter_formats: a mode byte, then the file. Even: a lone file through convert::detect/open.
+FORMAT_FILES = {
+    "lycoris_lokr": "lycoris/lokr/adapter.safetensors",
+    "lycoris_lokr_tucker": "lycoris/lokr_tucker/adapter.safetensors",
+    "lycoris_ia3": "lycoris/ia3/adapter.safetensors",
+    "lycoris_diag_oft_rescale": "lycoris/diag_oft_rescale/adapter.safetensors",
+    "lycoris_boft_constraint": "lycoris/boft_constraint/adapter.safetensors",
+    "lycoris_locon_tucker": "lycoris/locon_tucker/adapter.safetensors",
+    "lycoris_locon_dora": "lycoris/locon_dora/adapter.safetensors",
+    "lycoris_locon_train_norm": "lycoris/locon_train_norm/adapter.safetensors",
+    "lycoris_glora": "lycoris/glora/adapter.safetensors",
+    "lycoris_loha_tucker": "lycoris/loha_tucker/adapter.safetensors",
+    "lycoris_full": "lycoris/full/adapter.safetensors",
+    "kohya_sd_lora": "kohya_sd/lycoris_lora_te_flat/lora.safetensors",
+    "flux_kohya_qkv_linear1": "flux/kohya_qkv_linear1/kohya_lora.safetensors",
+    "flux_kohya_default": "flux/kohya_default/kohya_lora.safetensors",
+    "flux_diffusers": "flux/diffusers_peft/pytorch_lora_weights.safetensors",
+    "gguf_embed_head_f16": "gguf/embed_head/adapter_f16.gguf",
+}
+# Odd mode byte 2k+1: adapters.safetensors beside MLX_CONFIGS[k] of the target.
+MLX_FILES = {
+    "mlx_lora_default": (0, "mlx/lora_default/adapters/adapters.safetensors"),
+    "mlx_dora": (1, "mlx/dora/adapters/adapters.safetensors"),
+    "mlx_full": (2, "mlx/full/adapters/adapters.safetensors"),
+    "mlx_lora_toplevel": (3, "mlx/lora_toplevel/adapters/adapters.safetensors"),
+    "mlx_dora_embed": (4, "mlx/dora_embed/adapters/adapters.safetensors"),
+}
+
+
+def st_file(tensors, meta=None):
+    """A small safetensors file: tensors = [(name, shape)] as F32 (values 0.01, 0.02, …), or
+    (name, shape, dtype, raw bytes)."""
+    import json
+    header, data = {}, b""
+    if meta is not None:
+        header["__metadata__"] = meta
+    for t in tensors:
+        if len(t) == 2:
+            name, shape = t
+            n = 1
+            for d in shape:
+                n *= d
+            raw = struct.pack("<%df" % n, *[0.01 * (i + 1) for i in range(n)])
+            dtype = "F32"
+        else:
+            name, shape, dtype, raw = t
+        header[name] = {"dtype": dtype, "shape": shape,
+                        "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    j = json.dumps(header, separators=(",", ":")).encode()
+    j += b" " * (-len(j) % 8)
+    return struct.pack("<Q", len(j)) + j + data
+
+
+def scalar(name, v=4.0):
+    return (name, [], "F32", struct.pack("<f", v))
+
+
+# adapter_formats: tiny synthetic files, one module of each kind a reader builds (small inputs
+# mutate faster than the fixtures).
+TINY_FORMATS = {
+    "tiny_kohya_lora": [("lora_unet_x.lora_down.weight", [2, 4]),
+                        ("lora_unet_x.lora_up.weight", [4, 2]), scalar("lora_unet_x.alpha")],
+    "tiny_locon_tucker": [("lycoris_x.lora_down.weight", [2, 4, 1, 1]),
+                          ("lycoris_x.lora_mid.weight", [2, 2, 3, 3]),
+                          ("lycoris_x.lora_up.weight", [4, 2, 1, 1]), scalar("lycoris_x.alpha")],
+    "tiny_locon_dora": [("lycoris_x.lora_down.weight", [2, 4]),
+                        ("lycoris_x.lora_up.weight", [4, 2]),
+                        ("lycoris_x.dora_scale", [4, 1]), scalar("lycoris_x.alpha")],
+    "tiny_loha": [("lycoris_x.hada_w1_a", [4, 2]), ("lycoris_x.hada_w1_b", [2, 4]),
+                  ("lycoris_x.hada_w2_a", [4, 2]), ("lycoris_x.hada_w2_b", [2, 4]),
+                  scalar("lycoris_x.alpha")],
+    "tiny_lokr": [("lycoris_x.lokr_w1", [2, 2]), ("lycoris_x.lokr_w2_a", [2, 1]),
+                  ("lycoris_x.lokr_w2_b", [1, 2]), scalar("lycoris_x.alpha", 1.0)],
+    "tiny_ia3": [("lycoris_x.weight", [4]), ("lycoris_x.on_input", [], "BOOL", b"\x01")],
+    "tiny_diff_norm": [("lycoris_x.diff", [4, 4]), ("lycoris_x.diff_b", [4]),
+                       ("lycoris_y.w_norm", [4]), ("lycoris_y.b_norm", [4])],
+    "tiny_glora": [("lycoris_x.a1.weight", [4, 2]), ("lycoris_x.a2.weight", [2, 4]),
+                   ("lycoris_x.b1.weight", [4, 2]), ("lycoris_x.b2.weight", [2, 4]),
+                   scalar("lycoris_x.alpha", 2.0)],
+    "tiny_diag_oft": [("lycoris_x.oft_blocks", [2, 2, 2]), ("lycoris_x.rescale", [4, 1]),
+                      scalar("lycoris_x.alpha", 0.5)],
+    "tiny_boft": [("lycoris_x.oft_blocks", [2, 2, 2, 2]), ("lycoris_x.rescale", [4]),
+                  scalar("lycoris_x.alpha", 0.5)],
+}
+TINY_DIFFUSERS_META = {"lora_adapter_metadata": '{"unet.r": 2, "unet.lora_alpha": 4, '
+                       '"unet.use_rslora": false, "unet.alpha_pattern": {"y": 2}}'}
+TINY_MLX = {
+    "tiny_mlx_lora": (0, [("model.layers.0.q_proj.lora_a", [4, 4]),
+                          ("model.layers.0.q_proj.lora_b", [4, 4])]),
+    "tiny_mlx_dora": (1, [("model.layers.0.q_proj.lora_a", [4, 4]),
+                          ("model.layers.0.q_proj.lora_b", [4, 4]),
+                          ("model.layers.0.q_proj.m", [4])]),
+    "tiny_mlx_full": (2, [("model.layers.0.q_proj.weight", [2, 2])]),
+    "tiny_mlx_embed": (3, [("model.embed_tokens.lora_a", [8, 2]),
+                           ("model.embed_tokens.lora_b", [2, 4])]),
+}
+
+
+def gguf_file(kv, tensors, align=32):
+    """A small GGUF v3 file: kv = [(key, type id, packed value)], tensors = [(name, ne, ggml type
+    id, raw bytes)], packed in order at `align`."""
+    def gstr(x):
+        return struct.pack("<Q", len(x.encode())) + x.encode()
+    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv))
+    for k, t, v in kv:
+        out += gstr(k) + struct.pack("<I", t) + v
+    rel = 0
+    for name, ne, ty, raw in tensors:
+        out += gstr(name) + struct.pack("<I", len(ne)) + b"".join(struct.pack("<Q", d) for d in ne)
+        out += struct.pack("<IQ", ty, rel)
+        rel += len(raw) + (-len(raw) % align)
+    out += b"\0" * (-len(out) % align)
+    for _, _, _, raw in tensors:
+        out += raw + b"\0" * (-len(raw) % align)
+    return out
+
+
+def gguf_tiny_adapter():
+    """A GGUF LoRA: an F32 pair, a Q4_0/Q5_1 pair (32 elements each), a token_embd pair."""
+    def gstr(x):
+        return struct.pack("<Q", len(x)) + x.encode()
+    kv = [("general.architecture", 8, gstr("llama")), ("general.type", 8, gstr("adapter")),
+          ("adapter.type", 8, gstr("lora")), ("adapter.lora.alpha", 6, struct.pack("<f", 8.0))]
+    f32 = lambda n: struct.pack("<%df" % n, *[0.01 * (i + 1) for i in range(n)])
+    q4_0 = struct.pack("<e", 0.5) + bytes(range(16))
+    q5_1 = struct.pack("<ee", 0.5, -1.0) + struct.pack("<I", 0xA5A5A5A5) + bytes(range(16, 32))
+    tensors = [("blk.0.attn_q.weight.lora_a", [4, 2], 0, f32(8)),
+               ("blk.0.attn_q.weight.lora_b", [2, 4], 0, f32(8)),
+               ("blk.0.ffn_up.weight.lora_a", [32, 1], 2, q4_0),
+               ("blk.0.ffn_up.weight.lora_b", [1, 32], 0, f32(32)),
+               ("blk.0.ffn_down.weight.lora_a", [32, 1], 7, q5_1),
+               ("blk.0.ffn_down.weight.lora_b", [1, 32], 0, f32(32)),
+               ("token_embd.weight.lora_a", [2, 8], 0, f32(16)),
+               ("token_embd.weight.lora_b", [2, 4], 0, f32(8))]
+    return gguf_file(kv, tensors)
+
+
 def header_seed(data):
     """safetensors_header input: 8-byte x (even: data section length << 1), then the JSON."""
     n = struct.unpack("<Q", data[:8])[0]
@@ -127,6 +274,21 @@ def main():
         put("safetensors_file", name, read(p))
     for name, p in CHECK_FILES.items():
         put("check_file", name, read(p))
+    for name, p in GGUF_FILES.items():
+        put("gguf_file", name, read(p))
+    put("gguf_file", "tiny_adapter_mixed", gguf_tiny_adapter())
+    for name, p in FORMAT_FILES.items():
+        put("adapter_formats", name, b"\x00" + read(p))
+    for name, (k, p) in MLX_FILES.items():
+        put("adapter_formats", name, bytes([2 * k + 1]) + read(p))
+    for name, tensors in TINY_FORMATS.items():
+        put("adapter_formats", name, b"\x00" + st_file(tensors))
+    put("adapter_formats", "tiny_diffusers",
+        b"\x00" + st_file([("unet.x.lora_A.weight", [2, 4]), ("unet.x.lora_B.weight", [4, 2]),
+                           ("unet.y.lora.down.weight", [2, 4]), ("unet.y.lora.up.weight", [4, 2]),
+                           ("unet.y.lora_magnitude_vector", [4])], TINY_DIFFUSERS_META))
+    for name, (k, tensors) in TINY_MLX.items():
+        put("adapter_formats", name, bytes([2 * k + 1]) + st_file(tensors))
     for name, p in CONFIGS.items():
         put("adapter_config", name, read(p))
     for name in ["clean_lora", "llama_lora", "mixed_dtypes", "huge_shape_small_data",

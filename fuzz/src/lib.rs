@@ -125,3 +125,29 @@ pub fn open_plan_check(dir: PathBuf) {
         }
     }
 }
+
+/// Largest tensor [`read_adapter_tensors`] reads.
+const MAX_ADAPTER_READ: u64 = 1 << 20;
+
+/// Read every tensor an opened adapter lists (`tensor_names`, and every tensor a payload names)
+/// of at most 1 MiB through its `TensorSource` as f32, as a converter or the planner would.
+/// Errors are expected; only panics matter.
+pub fn read_adapter_tensors(adapter: &adapterkit_core::ir::Adapter) {
+    let names = adapter
+        .tensor_names
+        .iter()
+        .map(String::as_str)
+        .chain(adapter.modules.iter().flat_map(|m| m.payload.tensors()));
+    for name in names {
+        let Some(info) = adapter.tensors.info(name) else {
+            continue;
+        };
+        if info.len > MAX_ADAPTER_READ {
+            continue;
+        }
+        let r = adapter.tensors.read_f32(name);
+        if debug() {
+            eprintln!("read_f32 {name:?} {:?}: {:?}", info.shape, r.as_ref().map(Vec::len));
+        }
+    }
+}

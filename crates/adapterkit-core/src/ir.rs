@@ -389,14 +389,15 @@ pub enum Payload {
     /// One of PEFT's newer tuners: its tensors by role (the suffix PEFT saves them under) and
     /// the config numbers its math needs. The math lives with the executor's family code.
     Tuner(Tuner),
-    /// `W ← W · M`: every input-space row of the weight (PEFT's `(out, in·k…)` orientation)
-    /// times a square matrix `M` over the input channels, at every kernel position (LyCORIS
-    /// GLoRA's `W + s·W·a1·a2` is `M = I + s·a1·a2`).
+    /// `W ← W + (W·U)·V`, i.e. `W·(I + U·V)`: every input-space row of the weight (PEFT's
+    /// `(out, in·k…)` orientation), over the input channels at every kernel position (LyCORIS
+    /// GLoRA's `W + s·W·a1·a2`: `U = a1`, `V = s·a2`).
     RightMultiply {
-        /// `M (in, in)`, row-major.
-        matrix: String,
-        /// Kernel positions `k…` (1 for a linear layer): the weight's rows are `(in, k…)` and `M`
-        /// acts on the input channels at every position.
+        /// `U (in, r)`.
+        u: String,
+        /// `V (r, in)`.
+        v: String,
+        /// Kernel positions `k…` (1 for a linear layer): the weight's rows are `(in, k…)`.
         kernel: u64,
         /// Whether the stored weight is `(in, out)`.
         fan_in_fan_out: bool,
@@ -440,7 +441,7 @@ impl Payload {
             | Payload::Scale { tensor, .. }
             | Payload::ReplaceRows { tensor, .. } => vec![tensor.as_str()],
             Payload::Oft(o) => vec![o.tensor.as_str()],
-            Payload::RightMultiply { matrix, .. } => vec![matrix.as_str()],
+            Payload::RightMultiply { u, v, .. } => vec![u.as_str(), v.as_str()],
             Payload::Stages { blocks, perms, .. } => vec![blocks.as_str(), perms.as_str()],
             Payload::Vera {
                 a,

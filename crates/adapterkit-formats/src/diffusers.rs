@@ -144,6 +144,12 @@ pub fn open(path: &Path, base: Option<&BaseNames>) -> Result<PeftAdapter> {
         if parts.contains_key("lora_B.bias") {
             return Err(fmt_err(&file_path, "diffusers", format!("{comp}.{module}: lora_B.bias (lora_bias) is not supported in diffusers files by this version")));
         }
+        if a.shape.len() < 2 || b.shape.len() < 2 || a.shape[0] == 0 || b.shape[1] != a.shape[0] {
+            return Err(fmt_err(&file_path, "diffusers", format!(
+                "{comp}.{module}: lora_A {:?} and lora_B {:?} are not a rank-r pair (A (r, in…), B (out, r…))",
+                a.shape, b.shape
+            )));
+        }
         let rank = a.shape[0];
         let cfg = config_for(&file_path, &meta, comp)?;
         let alpha = match (parts.get("alpha"), &cfg) {

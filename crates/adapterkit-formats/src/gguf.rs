@@ -633,10 +633,13 @@ impl GgufFile {
         let mut tensors = Vec::with_capacity(raw.len());
         let mut expected = 0u64;
         for (name, ne, ggml_type, rel) in raw {
+            // The non-zero dimensions' product must fit, so a product in any order does too.
             let numel = ne
                 .iter()
+                .filter(|&&d| d != 0)
                 .try_fold(1u64, |a, &d| a.checked_mul(d))
                 .filter(|&n| n <= i64::MAX as u64)
+                .map(|n| if ne.contains(&0) { 0 } else { n })
                 .ok_or_else(|| c.err(format!("tensor {name:?}: dimensions {ne:?} overflow")))?;
             if ne[0] % ggml_type.block_size() != 0 {
                 return Err(c.err(format!(

@@ -467,6 +467,14 @@ fn build(
     mem: &mut MemorySource,
 ) -> std::result::Result<Vec<(&'static str, Family, Payload)>, String> {
     let _ = (path, format);
+    // Only scalars may be 0-dimensional; every factor's first dimension is read below.
+    for (k, t) in parts {
+        if t.shape.is_empty() && !matches!(*k, "alpha" | "on_input") {
+            return Err(format!(
+                "{flat}.{k}: a 0-dimensional tensor where a factor belongs"
+            ));
+        }
+    }
     let has = |k: &str| parts.contains_key(k);
     if has("lora_down.weight") || has("lora_up.weight") {
         expect_keys(
@@ -505,10 +513,18 @@ fn build(
                     mid.shape
                 ));
             }
-            let m = src.read_f32(&mid.name).map_err(|e| e.to_string())?;
-            let d = src.read_f32(&down.name).map_err(|e| e.to_string())?;
             let inp = down.shape.get(1).copied().unwrap_or(0) as usize;
             let k: usize = mid.shape[2..].iter().product::<u64>() as usize;
+            // Sizes checked against the stored elements, so the product below is bounded by the
+            // file.
+            if down.numel() != rank * inp as u64 || mid.numel() != rank * rank * k as u64 {
+                return Err(format!(
+                    "{flat}: Tucker lora_down {:?} and lora_mid {:?} do not fit (down (r, in, 1, 1), mid (r, r, kh, kw))",
+                    down.shape, mid.shape
+                ));
+            }
+            let m = src.read_f32(&mid.name).map_err(|e| e.to_string())?;
+            let d = src.read_f32(&down.name).map_err(|e| e.to_string())?;
             let r = rank as usize;
             let mut out = vec![0f32; r * inp * k];
             for p in 0..r {
@@ -856,6 +872,12 @@ fn boft(
         t.shape[1] as usize,
         t.shape[2] as usize,
     );
+    if n == 0 || m == 0 || m > 32 {
+        return Err(format!(
+            "{flat}.oft_blocks: shape {:?}: BOFT needs 1 to 32 stages of at least one block",
+            t.shape
+        ));
+    }
     if t.shape[3] as usize != b || b < 2 || b % 2 != 0 {
         return Err(format!(
             "{flat}.oft_blocks: shape {:?}, expected (stages, blocks, b, b) with even b",
@@ -875,7 +897,7 @@ fn boft(
     }
     let mut perms: Vec<u8> = Vec::with_capacity(m * out * 8);
     for i in 0..m {
-        let k = (1usize << i) * b / 2;
+        let k = (1usize << i).saturating_mul(b) / 2;
         if out % (2 * k) != 0 {
             return Err(format!(
                 "{flat}: BOFT stage {i} groups of {} do not divide {out} outputs",
@@ -999,12 +1021,20 @@ fn glora(
         parts["b1.weight"],
         parts["b2.weight"],
     );
+    if [a1, a2, b1, b2].iter().any(|t| t.shape.len() < 2) {
+        return Err(format!(
+            "{flat}: GLoRA tensors must be at least 2-D (a1 {:?}, a2 {:?}, b1 {:?}, b2 {:?})",
+            a1.shape, a2.shape, b1.shape, b2.shape
+        ));
+    }
     let r = a2.shape[0] as usize;
     let inp = a1.shape[0] as usize;
-    if a1.shape[1] as usize != r
+    if r == 0
+        || a1.shape[1] as usize != r
         || a2.shape[1] as usize != inp
         || b1.shape[1] as usize != r
         || b2.shape[0] as usize != r
+        || b2.shape[1] as usize != inp
     {
         return Err(format!(
             "{flat}: GLoRA shapes a1 {:?}, a2 {:?}, b1 {:?}, b2 {:?} do not fit together",
@@ -1013,24 +1043,18 @@ fn glora(
     }
     let alpha = alpha_of(src, parts, r as u64)?;
     let s = alpha / r as f64;
-    let (va1, va2) = (
-        src.read_f32(&a1.name).map_err(|e| e.to_string())?,
-        src.read_f32(&a2.name).map_err(|e| e.to_string())?,
-    );
-    let mut m = vec![0f64; inp * inp];
-    for i in 0..inp {
-        m[i * inp + i] = 1.0;
-        for k in 0..r {
-            let x = s * f64::from(va1[i * r + k]);
-            for j in 0..inp {
-                m[i * inp + j] += x * f64::from(va2[k * inp + j]);
-            }
-        }
-    }
+    // W·a1·a2 contracts the input channels: U = a1 (in, r), V = s·a2 (r, in).
+    let va2: Vec<f32> = src
+        .read_f32(&a2.name)
+        .map_err(|e| e.to_string())?
+        .iter()
+        .map(|x| (f64::from(*x) * s) as f32)
+        .collect();
     let kernel: u64 = b2.shape[2..].iter().product();
-    let flat_m: Vec<f32> = m.iter().map(|&x| x as f32).collect();
-    let name = format!("{flat}.glora_matrix");
-    mem.insert_f32(&name, DType::F32, vec![inp as u64, inp as u64], &flat_m)
+    let u = format!("{flat}.glora_u");
+    mem.alias(&u, &a1.name, vec![inp as u64, r as u64]);
+    let v = format!("{flat}.glora_v");
+    mem.insert_f32(&v, DType::F32, vec![r as u64, inp as u64], &va2)
         .map_err(|e| e.to_string())?;
     let layer = if b2.shape.len() > 2 {
         LayerKind::Conv {
@@ -1046,7 +1070,8 @@ fn glora(
             "weight",
             Family::Tuner("glora"),
             Payload::RightMultiply {
-                matrix: name,
+                u,
+                v,
                 kernel,
                 fan_in_fan_out: false,
             },

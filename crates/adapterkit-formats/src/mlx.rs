@@ -105,12 +105,16 @@ pub fn open(dir: &Path, base: Option<&BaseNames>) -> Result<PeftAdapter> {
                 "lora_parameters.scale is missing or not a number",
             )
         })?;
-        let rank = params.get("rank").and_then(Value::as_u64).ok_or_else(|| {
-            err(
-                &cfg_path,
-                "lora_parameters.rank is missing or not an integer",
-            )
-        })?;
+        let rank = params
+            .get("rank")
+            .and_then(Value::as_u64)
+            .filter(|&r| r > 0)
+            .ok_or_else(|| {
+                err(
+                    &cfg_path,
+                    "lora_parameters.rank is missing or not a positive integer",
+                )
+            })?;
         let mut groups: BTreeMap<&str, BTreeMap<&str, &TensorInfo>> = BTreeMap::new();
         for t in file.tensors() {
             let Some((m, role)) = t.name.rsplit_once('.') else {

@@ -20,7 +20,11 @@ pub fn dequantize(ty: GgmlType, raw: &[u8], n: usize) -> Option<Vec<f32>> {
         return None;
     }
     let mut out = vec![0f32; n];
-    if let Some(dt) = ty.dtype().filter(|d| d.is_float()) {
+    if let Some(dt) = ty.dtype() {
+        // Integer tensors are not values to dequantize.
+        if !dt.is_float() {
+            return None;
+        }
         decode_to_f32(dt, raw, &mut out).ok()?;
         return Some(out);
     }

@@ -172,16 +172,15 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
                 )
             })?;
         let (begin, end) = (offsets[0], offsets[1]);
-        let numel = shape
-            .iter()
-            .try_fold(1u64, |acc, &d| {
-                // Every dimension ≤ 2^31 and the non-zero ones' product ≤ 2^48 elements, so the
-                // readers' and planner's products of dimensions (even across tensors) fit in u64,
-                // also for zero-element tensors whose other dimensions are huge.
-                (d <= 1 << 31).then_some(())?;
-                acc.max(1).checked_mul(d.max(1)).filter(|p| *p <= 1 << 48)?;
-                acc.checked_mul(d)
-            })
+        // Every dimension ≤ 2^31 and the non-zero ones' product ≤ 2^48 elements, so the readers'
+        // and planner's products of dimensions (even across tensors) fit in u64, also for
+        // zero-element tensors whose other dimensions are huge.
+        let nonzero = shape.iter().filter(|&&d| d != 0).try_fold(1u64, |acc, &d| {
+            (d <= 1 << 31).then_some(())?;
+            acc.checked_mul(d).filter(|p| *p <= 1 << 48)
+        });
+        let numel = nonzero
+            .map(|n| if shape.contains(&0) { 0 } else { n })
             .ok_or_else(|| bad_tensor(path, name, format!("shape {shape:?} overflows")))?;
         let expected = dtype.byte_len(numel).ok_or_else(|| {
             bad_tensor(

@@ -298,15 +298,19 @@ pub enum RowTransform {
         /// Output scaling, one per output unit.
         scale: Vec<f32>,
     },
-    /// One `n×n` matrix applied at every kernel position of a conv row laid out `(n, k)`:
-    /// `x[:, p] ← x[:, p] · M` for each `p < k` (LyCORIS GLoRA on a conv).
-    Strided {
+    /// A low-rank right update at every kernel position of a row laid out `(n, k)`:
+    /// `x[:, p] ← x[:, p] + (x[:, p]·U)·V` for each `p < k` (LyCORIS GLoRA).
+    LowRankRight {
         /// Channels.
         n: usize,
         /// Kernel positions.
         k: usize,
-        /// `M (n, n)`, row-major.
-        m: Vec<f32>,
+        /// Rank.
+        r: usize,
+        /// `U (n, r)`, row-major.
+        u: Vec<f32>,
+        /// `V (r, n)`, row-major.
+        v: Vec<f32>,
     },
     /// Reflections in order: `x ← x − 2 (x·u) u` for each unit row `u` of `us` (`r × n`).
     Reflections {
@@ -342,11 +346,40 @@ impl RowTransform {
                 blocks: transpose_blocks(blocks, *b),
                 shared: *shared,
             },
-            RowTransform::Strided { n, k, m } => RowTransform::Strided {
-                n: *n,
-                k: *k,
-                m: transpose_blocks(m, *n),
-            },
+            RowTransform::LowRankRight { n, k, r, u, v } => {
+                // (I + UV)⁻¹ = I − U (I + VU)⁻¹ V (Woodbury): the same form with V' = −(I+VU)⁻¹V.
+                let (n, r) = (*n, *r);
+                let mut vu = vec![0f64; r * r];
+                for a in 0..r {
+                    for b in 0..r {
+                        let dotp: f64 = (0..n)
+                            .map(|i| f64::from(v[a * n + i]) * f64::from(u[i * r + b]))
+                            .sum();
+                        vu[a * r + b] = dotp + if a == b { 1.0 } else { 0.0 };
+                    }
+                }
+                let inv = invert_square(&vu, r).unwrap_or_else(|| {
+                    let mut eye = vec![0f64; r * r];
+                    (0..r).for_each(|i| eye[i * r + i] = 1.0);
+                    eye
+                });
+                let mut v2 = vec![0f32; r * n];
+                for a in 0..r {
+                    for j in 0..n {
+                        let s: f64 = (0..r)
+                            .map(|b| inv[a * r + b] * f64::from(v[b * n + j]))
+                            .sum();
+                        v2[a * n + j] = -s as f32;
+                    }
+                }
+                RowTransform::LowRankRight {
+                    n,
+                    k: *k,
+                    r,
+                    u: u.clone(),
+                    v: v2,
+                }
+            }
             RowTransform::Reflections { n, us } => RowTransform::Reflections {
                 n: *n,
                 us: us.chunks_exact(*n).rev().flatten().copied().collect(),
@@ -416,17 +449,21 @@ impl RowTransform {
                     }
                 }
             }
-            RowTransform::Strided { n, k, m } => {
-                let (n, k) = (*n, *k);
-                tmp.resize(2 * n, 0.0);
-                let (v, w) = tmp.split_at_mut(n);
+            RowTransform::LowRankRight { n, k, r, u, v } => {
+                let (n, k, r) = (*n, *k, *r);
+                tmp.resize(r, 0.0);
                 for p in 0..k {
-                    for (i, vi) in v.iter_mut().enumerate() {
-                        *vi = x[i * k + p];
+                    tmp.fill(0.0);
+                    for i in 0..n {
+                        let xi = x[i * k + p];
+                        for (t, uv) in tmp.iter_mut().zip(&u[i * r..(i + 1) * r]) {
+                            *t += xi * uv;
+                        }
                     }
-                    vec_mat(v, m, w);
-                    for (i, wi) in w.iter().enumerate() {
-                        x[i * k + p] = *wi;
+                    for (a, &t) in tmp.iter().enumerate() {
+                        for (j, vv) in v[a * n..(a + 1) * n].iter().enumerate() {
+                            x[j * k + p] += t * vv;
+                        }
                     }
                 }
             }
@@ -783,23 +820,20 @@ pub fn row_transform(src: &dyn TensorSource, payload: &Payload, n: usize) -> Res
                 scale: Vec::new(),
             })
         }
-        Payload::RightMultiply { matrix, kernel, .. } => {
-            let d = dims(src, matrix)?;
+        Payload::RightMultiply { u, v, kernel, .. } => {
+            let (du, dv) = (dims(src, u)?, dims(src, v)?);
             let k = *kernel as usize;
-            if d.len() != 2 || d[0] != d[1] || d[0] * k != n {
+            if du.len() != 2 || dv != [du[1], du[0]] || du[0] * k != n {
                 return Err(Error::Options(format!(
-                    "{matrix}: {d:?} at {k} kernel positions does not multiply {n}-wide rows"
+                    "{u} {du:?} and {v} {dv:?} at {k} kernel positions do not update {n}-wide rows"
                 )));
             }
-            let m = src.read_f32(matrix)?;
-            Ok(if k == 1 {
-                RowTransform::Blocks {
-                    b: n,
-                    blocks: m,
-                    shared: true,
-                }
-            } else {
-                RowTransform::Strided { n: d[0], k, m }
+            Ok(RowTransform::LowRankRight {
+                n: du[0],
+                k,
+                r: du[1],
+                u: src.read_f32(u)?,
+                v: src.read_f32(v)?,
             })
         }
         other => Err(Error::Options(format!(

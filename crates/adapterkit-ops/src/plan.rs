@@ -1000,19 +1000,24 @@ pub fn plan_direction<'a>(
                     }
                 }
                 Payload::RightMultiply {
-                    matrix,
+                    u,
+                    v,
                     kernel,
                     fan_in_fan_out,
                 } => {
-                    let Some(t) = ainfo(matrix) else { continue };
+                    let (Some(tu), Some(tv)) = (ainfo(u), ainfo(v)) else {
+                        continue;
+                    };
                     let (rows, cols) = info.rows_cols();
                     let in_dim = if *fan_in_fan_out { rows } else { cols };
-                    let square = t.shape.len() == 2 && t.shape[0] == t.shape[1];
-                    if !square || t.shape[0] * kernel != in_dim || info.shape.len() < 2 {
+                    let fits = tu.shape.len() == 2
+                        && tv.shape == [tu.shape[1], tu.shape[0]]
+                        && tu.shape[0] * kernel == in_dim;
+                    if !fits || info.shape.len() < 2 {
                         problems.push(problem(
                             file,
                             &m.target,
-                            format!("shape mismatch: {matrix} {:?} multiplies {in_dim}-wide rows of the base tensor {:?}", t.shape, info.shape),
+                            format!("shape mismatch: {u} {:?} and {v} {:?} update {in_dim}-wide rows of the base tensor {:?}", tu.shape, tv.shape, info.shape),
                         ));
                         continue;
                     }
