@@ -20,6 +20,7 @@ use crate::adapter_writer::AdapterWriter;
 use crate::base_names::{flatten, BaseNames};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
+use crate::memory::raw_tensor;
 use crate::mlx::Factors;
 use crate::peft::PeftAdapter;
 use crate::safetensors::{write_small, SafetensorsFile, TensorSpec};
@@ -342,13 +343,7 @@ fn num(x: f64) -> Value {
 }
 
 fn copy(adapter: &Adapter, from: &str, to: &str, w: &mut AdapterWriter) -> Result<()> {
-    let info = adapter
-        .tensors
-        .info(from)
-        .ok_or_else(|| adapterkit_core::Error::TensorNotFound { name: from.into() })?
-        .clone();
-    let mut bytes = vec![0u8; info.len as usize];
-    adapter.tensors.read_bytes(from, 0, &mut bytes)?;
+    let (info, bytes) = raw_tensor(adapter.tensors.as_ref(), from)?;
     w.add(to, info.dtype, info.shape, &bytes)
 }
 
@@ -359,13 +354,7 @@ fn copy_shaped(
     shape: Vec<u64>,
     w: &mut AdapterWriter,
 ) -> Result<()> {
-    let info = adapter
-        .tensors
-        .info(from)
-        .ok_or_else(|| adapterkit_core::Error::TensorNotFound { name: from.into() })?
-        .clone();
-    let mut bytes = vec![0u8; info.len as usize];
-    adapter.tensors.read_bytes(from, 0, &mut bytes)?;
+    let (info, bytes) = raw_tensor(adapter.tensors.as_ref(), from)?;
     w.add(to, info.dtype, shape, &bytes)
 }
 
@@ -710,13 +699,7 @@ fn kohya_write(
         .any(|m| m.module.starts_with("text_encoder_2."));
     let mut tensors: Vec<(TensorSpec, Vec<u8>)> = Vec::new();
     let raw = |name: &str| -> Result<(DType, Vec<u64>, Vec<u8>)> {
-        let info = adapter
-            .tensors
-            .info(name)
-            .ok_or_else(|| adapterkit_core::Error::TensorNotFound { name: name.into() })?
-            .clone();
-        let mut b = vec![0u8; info.len as usize];
-        adapter.tensors.read_bytes(name, 0, &mut b)?;
+        let (info, b) = raw_tensor(adapter.tensors.as_ref(), name)?;
         Ok((info.dtype, info.shape, b))
     };
     let mut push = |name: String, (dtype, shape, bytes): (DType, Vec<u64>, Vec<u8>)| {

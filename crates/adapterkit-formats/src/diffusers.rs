@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 use crate::base_names::{BaseNames, COMPONENTS};
 use crate::convert::{fmt_err, most_common, WriteOptions, Written};
 use crate::error::Result;
-use crate::memory::{scalar, MemorySource};
+use crate::memory::{raw_tensor, scalar, MemorySource};
 use crate::peft::LoraConfig;
 use crate::peft::PeftAdapter;
 use crate::safetensors::{write_small, SafetensorsFile, TensorSpec};
@@ -364,13 +364,7 @@ pub fn write(adapter: &Adapter, out: &Path, opts: &WriteOptions) -> Result<Writt
         };
         let key = format!("{comp}.{module}");
         for (n, role) in [(&lr.a, "lora_A.weight"), (&lr.b, "lora_B.weight")] {
-            let info = adapter
-                .tensors
-                .info(n)
-                .ok_or_else(|| adapterkit_core::Error::TensorNotFound { name: n.clone() })?
-                .clone();
-            let mut bytes = vec![0u8; info.len as usize];
-            adapter.tensors.read_bytes(n, 0, &mut bytes)?;
+            let (info, bytes) = raw_tensor(adapter.tensors.as_ref(), n)?;
             tensors.push((
                 TensorSpec {
                     name: format!("{key}.{role}"),
@@ -381,13 +375,7 @@ pub fn write(adapter: &Adapter, out: &Path, opts: &WriteOptions) -> Result<Writt
             ));
         }
         if let Some(mag) = &lr.magnitude {
-            let info = adapter
-                .tensors
-                .info(mag)
-                .ok_or_else(|| adapterkit_core::Error::TensorNotFound { name: mag.clone() })?
-                .clone();
-            let mut bytes = vec![0u8; info.len as usize];
-            adapter.tensors.read_bytes(mag, 0, &mut bytes)?;
+            let (info, bytes) = raw_tensor(adapter.tensors.as_ref(), mag)?;
             tensors.push((
                 TensorSpec {
                     name: format!("{key}.lora_magnitude_vector"),

@@ -25,7 +25,7 @@ use crate::base_names::BaseNames;
 use crate::convert::{factors, fmt_err, WriteOptions, Written};
 use crate::error::Result;
 use crate::gguf::{self, GgmlType, GgufFile, GgufSpec, Value as GValue};
-use crate::memory::MemorySource;
+use crate::memory::{transpose_f32, MemorySource};
 use crate::peft::PeftAdapter;
 
 const TABLE: &str = include_str!("../data/gguf_tensor_map.tsv");
@@ -230,14 +230,7 @@ pub fn open(path: &Path, base: Option<&BaseNames>) -> Result<PeftAdapter> {
         let (mut a_shape, b_shape) = (a.shape(), b.shape());
         if emb {
             // Stored (vocab, r); the IR's embedding A is (r, vocab).
-            let (rows, cols) = (a_shape[0] as usize, a_shape[1] as usize);
-            let mut t = vec![0f32; av.len()];
-            for r in 0..rows {
-                for c in 0..cols {
-                    t[c * rows + r] = av[r * cols + c];
-                }
-            }
-            av = t;
+            av = transpose_f32(&av, a_shape[0] as usize, a_shape[1] as usize);
             a_shape = vec![a_shape[1], a_shape[0]];
         } else if a_shape[0] != rank {
             return Err(err(format!(
@@ -429,14 +422,7 @@ pub fn write(adapter: &Adapter, out: &Path, opts: &WriteOptions) -> Result<Writt
         }
         let mut a_shape = f.a_shape.clone();
         if matches!(lr.layer, LayerKind::Embedding) {
-            let (rows, cols) = (a_shape[0] as usize, a_shape[1] as usize);
-            let mut t = vec![0f32; f.a.len()];
-            for r in 0..rows {
-                for c in 0..cols {
-                    t[c * rows + r] = f.a[r * cols + c];
-                }
-            }
-            f.a = t;
+            f.a = transpose_f32(&f.a, a_shape[0] as usize, a_shape[1] as usize);
             a_shape = vec![a_shape[1], a_shape[0]];
         }
         let enc = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();

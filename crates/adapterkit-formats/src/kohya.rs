@@ -18,7 +18,8 @@ use adapterkit_core::{DType, TensorInfo, TensorSource};
 use serde_json::{json, Value};
 
 use crate::base_names::{flatten, unresolved, BaseNames, ModelNames};
-use crate::error::{Error, Result};
+use crate::convert::fmt_err;
+use crate::error::Result;
 use crate::flux;
 use crate::memory::{scalar, MemorySource};
 use crate::peft::PeftAdapter;
@@ -236,14 +237,6 @@ pub(crate) fn resolve(
         }
     }
     Err(format!("{prefix}{rest}"))
-}
-
-fn fmt_err(path: &Path, format: &'static str, message: impl Into<String>) -> Error {
-    Error::Format {
-        path: path.to_path_buf(),
-        format,
-        message: message.into(),
-    }
 }
 
 type Parts<'a> = BTreeMap<&'static str, &'a TensorInfo>;

@@ -110,11 +110,6 @@ impl MemorySource {
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.infos.iter().map(|i| i.name.as_str())
     }
-
-    /// Read tensor `name` (here or inner) as f32.
-    pub fn values(&self, name: &str) -> adapterkit_core::Result<Vec<f32>> {
-        self.read_f32(name)
-    }
 }
 
 impl TensorSource for MemorySource {
@@ -147,6 +142,31 @@ impl TensorSource for MemorySource {
             },
         }
     }
+}
+
+/// The whole of tensor `name`: its description and raw bytes.
+pub fn raw_tensor(
+    src: &dyn TensorSource,
+    name: &str,
+) -> adapterkit_core::Result<(TensorInfo, Vec<u8>)> {
+    let info = src
+        .info(name)
+        .ok_or_else(|| adapterkit_core::Error::TensorNotFound { name: name.into() })?
+        .clone();
+    let mut bytes = vec![0u8; info.len as usize];
+    src.read_bytes(name, 0, &mut bytes)?;
+    Ok((info, bytes))
+}
+
+/// A row-major `rows × cols` matrix transposed.
+pub fn transpose_f32(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; v.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = v[r * cols + c];
+        }
+    }
+    t
 }
 
 /// Read a 0-dimensional (or one-element) tensor of any numeric dtype, integers included (kohya

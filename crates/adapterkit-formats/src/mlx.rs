@@ -23,11 +23,7 @@ use crate::peft::PeftAdapter;
 use crate::safetensors::{write_small, SafetensorsFile, TensorSpec};
 
 fn err(path: &Path, message: impl Into<String>) -> Error {
-    Error::Format {
-        path: path.to_path_buf(),
-        format: "mlx",
-        message: message.into(),
-    }
+    crate::convert::fmt_err(path, "mlx", message)
 }
 
 /// Whether `dir` is an mlx-lm adapter directory.
