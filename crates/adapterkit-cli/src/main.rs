@@ -7,6 +7,7 @@ mod inspect;
 mod lowrank;
 mod mix;
 mod plot;
+mod quant;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -59,6 +60,9 @@ enum Command {
     /// Check adapters and safetensors files against a catalogue of rules (a CI gate): exit 0
     /// clean, 1 findings, 2 usage or I/O errors.
     Check(check::CheckArgs),
+    /// Quantize a model: a GGUF model to a llama.cpp scheme (q4_k_m, q8_0, …), or a Hugging
+    /// Face checkpoint to a GGUF model (converted as llama.cpp's convert_hf_to_gguf.py does).
+    Quantize(quant::QuantizeArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -127,6 +131,17 @@ struct MergeArgs {
     /// component alone.
     #[arg(long)]
     component: Option<String>,
+    /// Quantize the merged model: a llama.cpp scheme (q4_k_m, q5_k_m, q8_0, q6_k, f16, …) for
+    /// GGUF output. Into a GGUF base without --quant, merged tensors keep their own types
+    /// (quantized ones are requantized).
+    #[arg(long)]
+    quant: Option<String>,
+    /// With GGUF output: llama-quantize --pure (every quantizable tensor gets the scheme's type).
+    #[arg(long)]
+    pure: bool,
+    /// With GGUF output: print each written tensor's quantization error.
+    #[arg(long)]
+    report_error: bool,
     #[command(flatten)]
     methods: mix::MethodArgs,
 }
@@ -261,7 +276,14 @@ fn run_merge(mut a: MergeArgs, direction: Direction) -> Result<()> {
         );
     }
     if base_path.is_file() && adapterkit_formats::gguf::GgufFile::sniff(&base_path) {
-        return merge_into_gguf(&a, &base_path, weights, direction, &opts);
+        return merge_into_gguf(&a, &base_path, weights, direction);
+    }
+    let gguf_out = a.output.extension().is_some_and(|e| e == "gguf");
+    if a.quant.is_some() && !gguf_out {
+        bail!(
+            "--quant writes a GGUF model; name the output *.gguf ({} is not)",
+            a.output.display()
+        );
     }
     if base_path.is_dir() {
         let names = BaseNames::open(&base_path)?;
@@ -299,6 +321,21 @@ fn run_merge(mut a: MergeArgs, direction: Direction) -> Result<()> {
     })
     .collect();
     let started = std::time::Instant::now();
+    if gguf_out {
+        if direction == Direction::Unmerge {
+            bail!("unmerge writes safetensors checkpoints, not GGUF");
+        }
+        let scheme = match &a.quant {
+            Some(q) => match quant::parse_target(q)? {
+                quant::Target::Gguf(s) => s,
+            },
+            None => adapterkit_formats::gguf_quant::Scheme::F16,
+        };
+        let wopts = quant::write_options(a.threads, a.report_error, a.allow_nonfinite);
+        let r = quant::hf_to_gguf(&base_path, adapters, &a.output, scheme, a.pure, &wopts)?;
+        let secs = started.elapsed().as_secs_f64();
+        return report_gguf_write(&a, &r, scheme.name(), secs, &[], &[]);
+    }
     let plan = adapterkit_ops::plan_direction(
         base.root(),
         &base,
@@ -499,7 +536,6 @@ fn merge_into_gguf(
     base_path: &std::path::Path,
     weights: Vec<f64>,
     direction: Direction,
-    opts: &ExecOptions,
 ) -> Result<()> {
     if direction == Direction::Unmerge {
         bail!(
@@ -539,30 +575,62 @@ fn merge_into_gguf(
             weight,
         });
     }
+    let scheme = match &a.quant {
+        Some(q) => match quant::parse_target(q)? {
+            quant::Target::Gguf(s) => Some(s),
+        },
+        None => None,
+    };
+    let wopts = quant::write_options(a.threads, a.report_error, a.allow_nonfinite);
     let started = std::time::Instant::now();
-    let rep = adapterkit_ops::gguf_merge::merge_gguf(file, adapters, &a.output, a.force, opts)?;
+    let rep =
+        adapterkit_ops::gguf_merge::merge_gguf(file, adapters, &a.output, a.force, scheme, &wopts)?;
     let secs = started.elapsed().as_secs_f64();
-    for w in &rep.widened {
-        eprintln!("note: {w}: a quantized target, dequantized, merged and written as F16 (as llama.cpp's export-lora does)");
+    let w = adapterkit_ops::quantize::WriteReport {
+        tensors: rep.report.tensors,
+        copied: rep.report.copied,
+        bytes: rep.report.bytes,
+        errors: rep.errors.clone(),
+        file: a.output.clone(),
+    };
+    let what = scheme.map_or("own types", |s| s.name());
+    report_gguf_write(a, &w, what, secs, &rep.requantized, &rep.widened)
+}
+
+/// Print what a merge into a GGUF file wrote.
+fn report_gguf_write(
+    a: &MergeArgs,
+    r: &adapterkit_ops::quantize::WriteReport,
+    what: &str,
+    secs: f64,
+    requantized: &[String],
+    widened: &[String],
+) -> Result<()> {
+    for w in widened {
+        eprintln!("note: {w}: its type needs an importance matrix to be written; merged and written as F16");
     }
-    let r = &rep.report;
     if a.json {
         let v = serde_json::json!({
-            "output": a.output, "files": r.files, "tensors": r.tensors, "merged": r.merged,
-            "copied": r.copied, "bytes": r.bytes, "seconds": secs, "widened_to_f16": rep.widened,
+            "output": a.output, "types": what, "tensors": r.tensors, "copied": r.copied,
+            "bytes": r.bytes, "seconds": secs, "requantized": requantized,
+            "widened_to_f16": widened, "errors": quant::errors_json(&r.errors),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
-            "merged {} adapter(s) into {}: {} tensors ({} changed, {} copied), {} in {:.2}s",
+            "merged {} adapter(s) into {} ({what}): {} tensors ({} copied{}), {} in {secs:.2}s",
             a.adapters.len(),
             a.output.display(),
             r.tensors,
-            r.merged,
             r.copied,
+            if requantized.is_empty() {
+                String::new()
+            } else {
+                format!(", {} requantized", requantized.len())
+            },
             inspect::human_bytes(r.bytes),
-            secs
         );
+        quant::print_errors(&r.errors);
     }
     Ok(())
 }
@@ -661,6 +729,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => a.json,
         Command::Check(a) => a.format == "json",
         Command::Combine(a) => a.json,
+        Command::Quantize(a) => a.json,
     };
     let result = match cli.command {
         // check has its own exit codes: 1 for findings, 2 for usage and I/O errors.
@@ -685,6 +754,7 @@ fn main() -> ExitCode {
         Command::Extract(a) => lowrank::run_extract(a),
         Command::Convert(a) => lowrank::run_convert(a),
         Command::Combine(a) => combine::run(a),
+        Command::Quantize(a) => quant::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,25 +2,27 @@
 //! executor, over a GGUF base, into a GGUF file llama.cpp loads.
 //!
 //! Every metadata entry is carried over in order. Tensors no adapter touches are copied byte for
-//! byte in their own type, quantized or not. Targets stored as F32, F16 or BF16 are merged in f32
-//! and written back in their type; quantized targets are dequantized, merged and written as F16
-//! (what llama.cpp's export-lora writes) with a note.
+//! byte in their own type, quantized or not. Targets are merged in f32 and written back in their
+//! own type: F32/F16/BF16 rounded once, quantized ones requantized with ggml's reference
+//! quantizers (the i-quants, which need an importance matrix, are written as F16 with a note).
+//! Or, with a scheme, the merged model is quantized as llama-quantize would.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use adapterkit_core::convert::{decode_to_f32, encode_from_f32};
 use adapterkit_core::{DType, TensorInfo, TensorSource};
-use adapterkit_formats::gguf::{self, GgmlType, GgufFile, GgufPending, GgufSpec};
-use adapterkit_formats::quants::dequantize;
-use rayon::prelude::*;
+use adapterkit_formats::gguf::{GgmlType, GgufFile, GgufSpec};
+use adapterkit_formats::gguf_quant::{self, Scheme, TensorFacts};
+use adapterkit_formats::quants::{self, dequantize};
 
-use crate::apply::{apply_ops, prepare};
 use crate::error::{Error, Result};
-use crate::execute::{ExecOptions, MergeReport};
-use crate::kernels::non_finite;
+use crate::execute::MergeReport;
+use crate::merged_rows::MergedRows;
 use crate::plan::{plan_direction, Direction, OutDType, WeightedAdapter};
+use crate::quantize::{
+    model_facts, quantized_metadata, write_gguf, OutTensor, RowSource, TensorError, WriteOptions,
+};
 
 /// A GGUF model seen as plain tensors: unquantized ones as they are, quantized ones as F32,
 /// dequantized row by row when read.
@@ -123,17 +125,53 @@ impl TensorSource for GgufView {
 pub struct GgufMergeReport {
     /// The usual counts.
     pub report: MergeReport,
-    /// Quantized targets written as F16.
+    /// Quantized targets requantized to their own type.
+    pub requantized: Vec<String>,
+    /// Quantized targets whose type this version cannot write (the i-quants, which need an
+    /// importance matrix): written as F16.
     pub widened: Vec<String>,
+    /// Per converted tensor, when asked for.
+    pub errors: Vec<TensorError>,
+}
+
+/// Rows of the merged GGUF model, output index → base tensor.
+struct MergedGguf<'a> {
+    rows: MergedRows<'a>,
+    base: &'a GgufFile,
+    map: Vec<usize>,
+}
+
+impl RowSource for MergedGguf<'_> {
+    fn rows(&self, index: usize, row: u64, out: &mut [f32]) -> Result<()> {
+        let t = &self.base.tensors()[self.map[index]];
+        self.rows.elements(&t.name, row * t.ne[0], out)
+    }
+
+    fn raw(&self, index: usize, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        let t = &self.base.tensors()[self.map[index]];
+        self.base.read_raw(&t.name, offset, buf)?;
+        Ok(true)
+    }
+
+    fn whole(&self, index: usize) -> bool {
+        self.rows
+            .needs_whole(&self.base.tensors()[self.map[index]].name)
+    }
 }
 
 /// Merge `adapters` into the GGUF model `base`, writing the GGUF file `out`.
+///
+/// Without a `scheme`, merged tensors keep their type: F32/F16/BF16 as they are, quantized ones
+/// requantized to the same type with ggml's reference quantizers (llama.cpp's export-lora writes
+/// them as F16). With a `scheme`, the merged model is quantized as llama-quantize would quantize
+/// it (types chosen per tensor, tensors in its order).
 pub fn merge_gguf(
     base: Arc<GgufFile>,
     adapters: Vec<WeightedAdapter>,
     out: &Path,
     overwrite: bool,
-    opts: &ExecOptions,
+    scheme: Option<Scheme>,
+    opts: &WriteOptions,
 ) -> Result<GgufMergeReport> {
     if out.exists() && !overwrite {
         return Err(Error::Output {
@@ -150,111 +188,75 @@ pub fn merge_gguf(
         OutDType::Auto,
         Direction::Merge,
     )?;
-    let mut specs = Vec::with_capacity(plan.tensors.len());
-    let mut widened = Vec::new();
-    for (pt, gt) in plan.tensors.iter().zip(base.tensors()) {
-        let ty = if pt.ops.is_empty() || !gt.ggml_type.is_quantized() {
-            gt.ggml_type
-        } else {
-            widened.push(gt.name.clone());
-            GgmlType::F16
-        };
-        specs.push(GgufSpec {
-            name: gt.name.clone(),
-            ne: gt.ne.clone(),
-            ggml_type: ty,
+    let rows = MergedRows::new(&view, &plan);
+    let mut rep = GgufMergeReport::default();
+    let (order, types, metadata) = match scheme {
+        Some(s) => {
+            let facts = model_facts(base.metadata());
+            let tf: Vec<TensorFacts> = base
+                .tensors()
+                .iter()
+                .map(|t| TensorFacts {
+                    name: &t.name,
+                    ne: &t.ne,
+                    ggml_type: t.ggml_type,
+                })
+                .collect();
+            let names: Vec<&str> = base.tensors().iter().map(|t| t.name.as_str()).collect();
+            (
+                gguf_quant::quantize_order(&names),
+                gguf_quant::choose_types(s, &facts, &tf, false),
+                quantized_metadata(base.metadata(), s),
+            )
+        }
+        None => {
+            let mut types = Vec::new();
+            for t in base.tensors() {
+                let ty = t.ggml_type;
+                if !rows.is_changed(&t.name) || !ty.is_quantized() {
+                    types.push(ty);
+                } else if quants::can_quantize(ty) {
+                    rep.requantized.push(t.name.clone());
+                    types.push(ty);
+                } else {
+                    rep.widened.push(t.name.clone());
+                    types.push(GgmlType::F16);
+                }
+            }
+            (
+                (0..base.tensors().len()).collect(),
+                types,
+                base.metadata().to_vec(),
+            )
+        }
+    };
+    let mut tensors = Vec::with_capacity(order.len());
+    for &i in &order {
+        let t = &base.tensors()[i];
+        let ty = types[i];
+        tensors.push(OutTensor {
+            spec: GgufSpec {
+                name: t.name.clone(),
+                ne: t.ne.clone(),
+                ggml_type: ty,
+            },
+            copy: ty == t.ggml_type && !rows.is_changed(&t.name),
         });
     }
-    // Like export-lora: once merged tensors are widened to F16 the file is no longer "mostly"
-    // its quantized type; general.file_type says F16 (1), a label llama.cpp only displays.
-    let mut metadata = base.metadata().to_vec();
-    if !widened.is_empty() {
-        for (k, v) in &mut metadata {
-            if k == "general.file_type" {
-                *v = gguf::Value::U32(1);
-            }
-        }
-    }
-    let layout = gguf::layout(out, &metadata, &specs)?;
-    let pending = GgufPending::create(out, layout)?;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.threads)
-        .build()
-        .map_err(|e| Error::Options(format!("thread pool: {e}")))?;
-    let block = opts.block_elems.max(1) as u64;
-    let results: Vec<Result<(bool, u64)>> = pool.install(|| {
-        plan.tensors
-            .par_iter()
-            .enumerate()
-            .map(|(i, pt)| -> Result<(bool, u64)> {
-                let gt = &base.tensors()[i];
-                let out_ty = specs[i].ggml_type;
-                if pt.ops.is_empty() {
-                    let mut off = 0u64;
-                    let mut buf = vec![0u8; (gt.len.min(1 << 22)) as usize];
-                    while off < gt.len {
-                        let n = (gt.len - off).min(buf.len() as u64) as usize;
-                        base.read_raw(&gt.name, off, &mut buf[..n])?;
-                        pending.write(i, off, &buf[..n])?;
-                        off += n as u64;
-                    }
-                    return Ok((false, gt.len));
-                }
-                let ops = prepare(&plan, &view, pt)?;
-                let out_dt = out_ty
-                    .dtype()
-                    .expect("merged targets are written unquantized");
-                let (rows, cols) = pt.source.rows_cols();
-                let step = (block / cols.max(1)).max(1);
-                let mut tmp = Vec::new();
-                let mut bytes = Vec::new();
-                let mut written = 0u64;
-                let mut r = 0u64;
-                while r < rows {
-                    let n = step.min(rows - r);
-                    let mut input =
-                        vec![0u8; pt.source.dtype.byte_len(n * cols).expect("validated") as usize];
-                    view.read_bytes(
-                        &pt.source.name,
-                        pt.source.dtype.byte_len(r * cols).expect("validated"),
-                        &mut input,
-                    )?;
-                    let mut vals = vec![0f32; (n * cols) as usize];
-                    decode_to_f32(pt.source.dtype, &input, &mut vals)?;
-                    apply_ops(&mut vals, r as usize, cols as usize, &ops, &mut tmp);
-                    if !opts.allow_nonfinite {
-                        if let Some((count, first)) = non_finite(&vals) {
-                            return Err(Error::NonFinite {
-                                tensor: pt.source.name.clone(),
-                                count,
-                                first: first + (r * cols) as usize,
-                            });
-                        }
-                    }
-                    bytes.resize(out_dt.byte_len(n * cols).expect("float") as usize, 0);
-                    encode_from_f32(out_dt, &vals, &mut bytes)?;
-                    pending.write(i, out_dt.byte_len(r * cols).expect("float"), &bytes)?;
-                    written += bytes.len() as u64;
-                    r += n;
-                }
-                Ok((true, written))
-            })
-            .collect()
-    });
-    let mut report = MergeReport {
-        tensors: plan.tensors.len(),
+    let source = MergedGguf {
+        rows,
+        base: &base,
+        map: order,
+    };
+    let w = write_gguf(out, &metadata, &tensors, &source, opts)?;
+    rep.report = MergeReport {
+        files: vec![PathBuf::from(out)],
+        tensors: w.tensors,
+        merged: plan.tensors.iter().filter(|t| !t.ops.is_empty()).count(),
+        copied: w.copied,
+        bytes: w.bytes,
         ..Default::default()
     };
-    for r in results {
-        let (merged, bytes) = r?;
-        report.bytes += bytes;
-        if merged {
-            report.merged += 1;
-        } else {
-            report.copied += 1;
-        }
-    }
-    pending.commit(opts.fsync)?;
-    report.files = vec![PathBuf::from(out)];
-    Ok(GgufMergeReport { report, widened })
+    rep.errors = w.errors;
+    Ok(rep)
 }

@@ -13,11 +13,14 @@ pub mod error;
 pub mod execute;
 pub mod extract;
 pub mod families;
+pub mod gguf_convert;
 pub mod gguf_merge;
 pub mod kernels;
+pub mod merged_rows;
 pub mod methods;
 pub mod model_merge;
 pub mod plan;
+pub mod quantize;
 pub mod svd;
 pub mod torch_rng;
 
