@@ -279,11 +279,15 @@ fn run_merge(mut a: MergeArgs, direction: Direction) -> Result<()> {
         return merge_into_gguf(&a, &base_path, weights, direction);
     }
     let gguf_out = a.output.extension().is_some_and(|e| e == "gguf");
-    if a.quant.is_some() && !gguf_out {
-        bail!(
-            "--quant writes a GGUF model; name the output *.gguf ({} is not)",
-            a.output.display()
-        );
+    let target = a.quant.as_deref().map(quant::parse_target).transpose()?;
+    if let Some(quant::Target::Gguf(_)) = target {
+        if !gguf_out {
+            bail!(
+                "--quant {} writes a GGUF model; name the output *.gguf ({} is not)",
+                a.quant.as_deref().unwrap_or(""),
+                a.output.display()
+            );
+        }
     }
     if base_path.is_dir() {
         let names = BaseNames::open(&base_path)?;
@@ -325,16 +329,38 @@ fn run_merge(mut a: MergeArgs, direction: Direction) -> Result<()> {
         if direction == Direction::Unmerge {
             bail!("unmerge writes safetensors checkpoints, not GGUF");
         }
-        let scheme = match &a.quant {
-            Some(q) => match quant::parse_target(q)? {
-                quant::Target::Gguf(s) => s,
-            },
+        let scheme = match target {
+            Some(quant::Target::Gguf(s)) => s,
+            Some(quant::Target::St(f)) => bail!(
+                "--quant {}: quantized safetensors go to a directory, not a .gguf file",
+                f.name()
+            ),
             None => adapterkit_formats::gguf_quant::Scheme::F16,
         };
         let wopts = quant::write_options(a.threads, a.report_error, a.allow_nonfinite);
         let r = quant::hf_to_gguf(&base_path, adapters, &a.output, scheme, a.pure, &wopts)?;
         let secs = started.elapsed().as_secs_f64();
         return report_gguf_write(&a, &r, scheme.name(), secs, &[], &[]);
+    }
+    let st_format = match target {
+        Some(quant::Target::St(f)) => Some(f),
+        _ => None,
+    };
+    if st_format.is_some() || adapterkit_formats::bnb::is_bnb(&base) {
+        if direction == Direction::Unmerge {
+            bail!("unmerge works on unquantized checkpoints");
+        }
+        let r = quant::to_safetensors(
+            &base,
+            adapters,
+            &output,
+            st_format,
+            out_dtype,
+            a.report_error,
+            &opts,
+        )?;
+        let what = st_format.map_or("dequantized", |f| f.name());
+        return quant::print_st(&a.output, what, &r, started.elapsed().as_secs_f64(), a.json);
     }
     let plan = adapterkit_ops::plan_direction(
         base.root(),
@@ -575,10 +601,12 @@ fn merge_into_gguf(
             weight,
         });
     }
-    let scheme = match &a.quant {
-        Some(q) => match quant::parse_target(q)? {
-            quant::Target::Gguf(s) => Some(s),
-        },
+    let scheme = match a.quant.as_deref().map(quant::parse_target).transpose()? {
+        Some(quant::Target::Gguf(s)) => Some(s),
+        Some(quant::Target::St(f)) => bail!(
+            "--quant {}: a GGUF base is merged into GGUF; quantized safetensors come from Hugging Face checkpoints",
+            f.name()
+        ),
         None => None,
     };
     let wopts = quant::write_options(a.threads, a.report_error, a.allow_nonfinite);
@@ -630,7 +658,7 @@ fn report_gguf_write(
             },
             inspect::human_bytes(r.bytes),
         );
-        quant::print_errors(&r.errors);
+        quant::print_errors(&r.errors)?;
     }
     Ok(())
 }

@@ -1,14 +1,18 @@
 //! `adapterkit quantize`: GGUF models to llama.cpp schemes, Hugging Face checkpoints to GGUF, and
 //! Hugging Face checkpoints to quantized safetensors (FP8, int8, int4, NF4).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use adapterkit_core::DType;
+use adapterkit_formats::bnb::{self, BnbView};
 use adapterkit_formats::gguf::GgufFile;
 use adapterkit_formats::gguf_quant::Scheme;
 use adapterkit_formats::Checkpoint;
 use adapterkit_ops::quantize::{TensorError, WriteOptions, WriteReport};
-use adapterkit_ops::{Direction, OutDType, WeightedAdapter};
+use adapterkit_ops::quantize_st::{StFormat, StReport};
+use adapterkit_ops::{Direction, ExecOptions, OutDType, Output, Sharding, WeightedAdapter};
 use anyhow::{bail, Context, Result};
 
 use crate::inspect::human_bytes;
@@ -50,6 +54,8 @@ pub struct QuantizeArgs {
 pub enum Target {
     /// A llama.cpp scheme, written as GGUF.
     Gguf(Scheme),
+    /// A quantized safetensors format.
+    St(StFormat),
 }
 
 /// Parse `--type`/`--quant`.
@@ -57,10 +63,71 @@ pub fn parse_target(s: &str) -> Result<Target> {
     if let Some(s) = Scheme::parse(s) {
         return Ok(Target::Gguf(s));
     }
+    if let Some(f) = StFormat::parse(s) {
+        return Ok(Target::St(f));
+    }
     bail!(
-        "--type {s:?}: expected one of {}",
+        "--type {s:?}: expected one of {} (GGUF), or fp8, int8, int4, nf4 (safetensors)",
         Scheme::names().join(", ")
     )
+}
+
+/// Merge `adapters` into the checkpoint `base` (a bitsandbytes base is dequantized first) and
+/// write safetensors to `output`: Linear weights quantized to `format`, or every tensor as values
+/// (`out_dtype`; a dequantized weight gets the dtype it had before quantization).
+#[allow(clippy::too_many_arguments)]
+pub fn to_safetensors(
+    ck: &Checkpoint,
+    adapters: Vec<WeightedAdapter>,
+    output: &Output,
+    format: Option<StFormat>,
+    out_dtype: OutDType,
+    report_error: bool,
+    opts: &ExecOptions,
+) -> Result<StReport> {
+    let bnb_view = if bnb::is_bnb(ck) {
+        Some(BnbView::open(ck).with_context(|| {
+            format!("reading the bitsandbytes state of {}", ck.root().display())
+        })?)
+    } else {
+        None
+    };
+    let view: &dyn adapterkit_core::TensorSource = match &bnb_view {
+        Some(v) => v,
+        None => ck,
+    };
+    let infos: Vec<adapterkit_core::TensorInfo> = match &bnb_view {
+        Some(v) => v.tensors().to_vec(),
+        None => ck.tensors().cloned().collect(),
+    };
+    let plan = adapterkit_ops::plan_direction(
+        ck.root(),
+        view,
+        infos.iter(),
+        adapters,
+        OutDType::Auto,
+        Direction::Merge,
+    )?;
+    let dtype_of = |name: &str, dt: DType| -> DType {
+        match out_dtype {
+            OutDType::Fixed(d) if dt.is_float() => d,
+            _ => bnb_view
+                .as_ref()
+                .and_then(|v| v.original_dtype(name))
+                .unwrap_or(dt),
+        }
+    };
+    Ok(adapterkit_ops::quantize_st::write_st(
+        ck,
+        view,
+        &plan,
+        output,
+        format,
+        &dtype_of,
+        ck.config().cloned(),
+        report_error,
+        opts,
+    )?)
 }
 
 pub fn write_options(threads: usize, report_error: bool, allow_nonfinite: bool) -> WriteOptions {
@@ -73,25 +140,31 @@ pub fn write_options(threads: usize, report_error: bool, allow_nonfinite: bool) 
 }
 
 /// Print per-tensor errors, worst first.
-pub fn print_errors(errors: &[TensorError]) {
+pub fn print_errors(errors: &[TensorError]) -> Result<()> {
     if errors.is_empty() {
-        return;
+        return Ok(());
     }
     let mut e: Vec<&TensorError> = errors.iter().collect();
     e.sort_by(|a, b| b.rel_rmse.total_cmp(&a.rel_rmse));
-    println!(
+    writeln!(
+        std::io::stdout(),
         "{:<48} {:>8} {:>12} {:>12}",
-        "tensor", "type", "rel. RMSE", "max |err|"
-    );
+        "tensor",
+        "type",
+        "rel. RMSE",
+        "max |err|"
+    )?;
     for t in e {
-        println!(
+        writeln!(
+            std::io::stdout(),
             "{:<48} {:>8} {:>12.3e} {:>12.3e}",
             t.name,
             t.ggml_type.to_string(),
             t.rel_rmse,
             t.max_abs
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// The errors as JSON.
@@ -126,10 +199,23 @@ pub fn hf_to_gguf(
             base.display()
         )
     })?;
+    let bnb_view = if bnb::is_bnb(&ck) {
+        Some(BnbView::open(&ck)?)
+    } else {
+        None
+    };
+    let view: &dyn adapterkit_core::TensorSource = match &bnb_view {
+        Some(v) => v,
+        None => &ck,
+    };
+    let infos: Vec<adapterkit_core::TensorInfo> = match &bnb_view {
+        Some(v) => v.tensors().to_vec(),
+        None => ck.tensors().cloned().collect(),
+    };
     let plan = adapterkit_ops::plan_direction(
         ck.root(),
-        &ck,
-        ck.tensors(),
+        view,
+        infos.iter(),
         adapters,
         OutDType::Auto,
         Direction::Merge,
@@ -137,13 +223,58 @@ pub fn hf_to_gguf(
     Ok(adapterkit_ops::gguf_convert::hf_to_gguf(
         ck.root(),
         &config,
-        &ck,
+        view,
         &plan,
         out,
         scheme,
         pure,
         opts,
     )?)
+}
+
+/// Print what a quantized safetensors write did.
+pub fn print_st(out: &Path, what: &str, r: &StReport, secs: f64, json: bool) -> Result<()> {
+    if json {
+        writeln!(
+            std::io::stdout(),
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "output": out, "type": what, "files": r.files, "tensors": r.tensors,
+                "quantized": r.quantized, "bytes": r.bytes, "seconds": secs,
+                "errors": errors_json(&r.errors),
+            }))?
+        )?;
+    } else {
+        writeln!(
+            std::io::stdout(),
+            "wrote {} ({what}): {} tensors, {} weights quantized, {} in {secs:.2}s",
+            out.display(),
+            r.tensors,
+            r.quantized,
+            human_bytes(r.bytes)
+        )?;
+        if !r.errors.is_empty() {
+            let mut e: Vec<_> = r.errors.iter().collect();
+            e.sort_by(|a, b| b.rel_rmse.total_cmp(&a.rel_rmse));
+            writeln!(
+                std::io::stdout(),
+                "{:<56} {:>12} {:>12}",
+                "tensor",
+                "rel. RMSE",
+                "max |err|"
+            )?;
+            for t in e {
+                writeln!(
+                    std::io::stdout(),
+                    "{:<56} {:>12.3e} {:>12.3e}",
+                    t.name,
+                    t.rel_rmse,
+                    t.max_abs
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_output(out: &Path, input: &Path, force: bool) -> Result<()> {
@@ -182,26 +313,67 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
             let r = hf_to_gguf(&a.input, Vec::new(), &a.output, scheme, a.pure, &opts)?;
             (r, scheme.name())
         }
+        Target::St(f) => {
+            if is_gguf {
+                bail!(
+                    "{}: {} output is quantized safetensors, made from a Hugging Face checkpoint, not from GGUF",
+                    a.input.display(),
+                    f.name()
+                );
+            }
+            let ck = Checkpoint::open(&a.input)
+                .with_context(|| format!("opening {}", a.input.display()))?;
+            let output = Output {
+                path: a.output.clone(),
+                sharding: Sharding::Preserve,
+                in_place: false,
+                overwrite: a.force,
+            };
+            let exec = ExecOptions {
+                threads: a.threads,
+                allow_nonfinite: a.allow_nonfinite,
+                ..Default::default()
+            };
+            let r = to_safetensors(
+                &ck,
+                Vec::new(),
+                &output,
+                Some(f),
+                OutDType::Auto,
+                a.report_error,
+                &exec,
+            )?;
+            print_st(
+                &a.output,
+                f.name(),
+                &r,
+                started.elapsed().as_secs_f64(),
+                a.json,
+            )?;
+            return Ok(());
+        }
     };
     let secs = started.elapsed().as_secs_f64();
     if a.json {
-        println!(
+        writeln!(
+            std::io::stdout(),
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "output": report.file, "type": what, "tensors": report.tensors,
                 "copied": report.copied, "bytes": report.bytes, "seconds": secs,
                 "errors": errors_json(&report.errors),
             }))?
-        );
+        )?;
     } else {
-        println!(
+        writeln!(
+            std::io::stdout(),
             "quantized {} to {what}: {} tensors ({} copied), {} in {secs:.2}s",
             a.output.display(),
             report.tensors,
             report.copied,
             human_bytes(report.bytes)
-        );
-        print_errors(&report.errors);
+        )?;
+        print_errors(&report.errors)?;
     }
     Ok(())
 }

@@ -15,7 +15,9 @@
 
 pub mod adapter_writer;
 pub mod base_names;
+pub mod bnb;
 pub mod checkpoint;
+pub mod compressed;
 pub mod convert;
 pub mod diffusers;
 pub mod error;

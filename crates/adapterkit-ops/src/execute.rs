@@ -164,9 +164,18 @@ pub(crate) struct Staging<'a> {
     parent: PathBuf,
     write_dir: PathBuf,
     staging: Option<tempfile::TempDir>,
+    /// Extra files written with these contents instead of copied from the base.
+    overrides: Vec<(String, Vec<u8>)>,
 }
 
 impl<'a> Staging<'a> {
+    /// Write `bytes` as the extra file `name` (e.g. a config.json with a quantization block)
+    /// instead of copying the base's.
+    pub(crate) fn replace_file(&mut self, name: &str, bytes: Vec<u8>) {
+        self.overrides.retain(|(n, _)| n != name);
+        self.overrides.push((name.to_string(), bytes));
+    }
+
     /// Lay out `tensors` (in base order) as `output`, with `base`'s shards, metadata and extra
     /// files as the template.
     pub(crate) fn create(
@@ -342,6 +351,7 @@ impl<'a> Staging<'a> {
             parent,
             write_dir,
             staging,
+            overrides: Vec::new(),
         })
     }
 
@@ -370,6 +380,7 @@ impl<'a> Staging<'a> {
             parent,
             write_dir,
             staging,
+            overrides,
             ..
         } = self;
         let total: u64 = tensors.iter().map(OutTensor::len).sum();
@@ -401,7 +412,14 @@ impl<'a> Staging<'a> {
             extra_staged.push((tmp, write_dir.join(&index_name)));
         }
         if !(single_file || same_as_base && output.in_place) {
+            for (name, bytes) in &overrides {
+                let tmp = stage_bytes(&write_dir, bytes)?;
+                extra_staged.push((tmp, write_dir.join(name)));
+            }
             for name in base.extra_files() {
+                if overrides.iter().any(|(n, _)| n == name) {
+                    continue;
+                }
                 let src = base.root().join(name);
                 let tmp = tempfile::Builder::new()
                     .prefix(".adapterkit-")

@@ -21,6 +21,7 @@ pub mod methods;
 pub mod model_merge;
 pub mod plan;
 pub mod quantize;
+pub mod quantize_st;
 pub mod svd;
 pub mod torch_rng;
 
