@@ -102,8 +102,8 @@ impl Checkpoint {
         let mut files = BTreeSet::new();
         for entry in std::fs::read_dir(path).map_err(|e| Error::io(path, e))? {
             let entry = entry.map_err(|e| Error::io(path, e))?;
-            if entry
-                .file_type()
+            // Follow symlinks: the Hugging Face cache's snapshot directories are made of them.
+            if std::fs::metadata(entry.path())
                 .map_err(|e| Error::io(entry.path(), e))?
                 .is_file()
             {

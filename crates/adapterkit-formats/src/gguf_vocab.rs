@@ -143,12 +143,18 @@ fn looks_special(t: &str) -> bool {
 }
 
 /// The tokenizer of the model in `dir` as GGUF metadata, for a vocabulary of `vocab_size`
-/// (`config.json`'s, which may exceed the tokenizer's).
-pub fn tokenizer_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
+/// (`config.json`'s, which may exceed the tokenizer's) and llama.cpp architecture `arch`.
+pub fn tokenizer_metadata(
+    dir: &Path,
+    vocab_size: usize,
+    arch: &str,
+) -> Result<Vec<(String, Value)>> {
     let mut kv: Vec<(String, Value)> = Vec::new();
     let tc = read_json(&dir.join("tokenizer_config.json"))?;
+    // Only the llama converter reads add_prefix_space.
     if let Some(b) = tc
         .as_ref()
+        .filter(|_| arch == "llama")
         .and_then(|c| c.get("add_prefix_space"))
         .and_then(Json::as_bool)
     {
@@ -399,31 +405,107 @@ fn special_tokens(
             }
         }
     };
+    let content = |typ: &str| -> Option<String> {
+        match tc?.get(format!("{typ}_token"))? {
+            Json::String(s) => Some(s.clone()),
+            Json::Object(o) => o.get("content")?.as_str().map(str::to_string),
+            _ => None,
+        }
+    };
+    let (special_bos, special_cls) = (content("bos").or(content("cls")), content("cls"));
+    let mut special_eos = content("eos").or(content("sep"));
+    let special_sep = content("sep");
+    // add_{bos,eos,sep}_token from the post-processor, as gguf-py reads it (insertion order kept).
     let mut add: Vec<(&str, bool)> = Vec::new();
-    // The post-processor template says whether BOS/EOS are added.
-    if let Some(pp) = tj.and_then(|t| t.get("post_processor")) {
-        let procs: Vec<&Json> = match pp.get("type").and_then(Json::as_str) {
-            Some("Sequence") => pp
-                .get("processors")
-                .and_then(Json::as_array)
-                .map(|a| a.iter().collect())
-                .unwrap_or_default(),
-            _ => vec![pp],
+    fn put<'k>(add: &mut Vec<(&'k str, bool)>, typ: &'k str, v: bool, overwrite: bool) {
+        match add.iter_mut().find(|(t, _)| *t == typ) {
+            Some(e) if overwrite => e.1 = v,
+            Some(_) => {}
+            None => add.push((typ, v)),
+        }
+    }
+    let sp = |x: &Json| -> Option<String> {
+        x.get("SpecialToken")?
+            .get("id")?
+            .as_str()
+            .map(str::to_string)
+    };
+    if let Some(pp) = tj
+        .and_then(|t| t.get("post_processor"))
+        .filter(|p| !p.is_null())
+    {
+        let procs: Vec<&Json> = match pp.get("processors").and_then(Json::as_array) {
+            Some(a) => a.iter().collect(),
+            None => vec![pp],
         };
         for p in procs {
-            if p.get("type").and_then(Json::as_str) != Some("TemplateProcessing") {
-                continue;
+            match p.get("type").and_then(Json::as_str) {
+                Some("ByteLevel") => {
+                    put(&mut add, "bos", false, false);
+                    put(&mut add, "eos", false, false);
+                }
+                Some("RobertaProcessing") => {
+                    put(&mut add, "bos", true, true);
+                    put(&mut add, "eos", true, true);
+                    put(&mut add, "sep", true, true);
+                }
+                Some("TemplateProcessing") => {
+                    let single = p
+                        .get("single")
+                        .and_then(Json::as_array)
+                        .cloned()
+                        .unwrap_or_default();
+                    let pair = p
+                        .get("pair")
+                        .and_then(Json::as_array)
+                        .cloned()
+                        .unwrap_or_default();
+                    let (mut first, mut last) = (None, None);
+                    if single.len() > 1 {
+                        first = sp(&single[0]);
+                        if let Some(f) = &first {
+                            let known =
+                                special_bos.as_ref() == Some(f) || special_cls.as_ref() == Some(f);
+                            put(&mut add, "bos", known || special_bos.is_none(), true);
+                        }
+                        last = sp(&single[single.len() - 1]);
+                        if let Some(l) = &last {
+                            special_eos = Some(l.clone());
+                            put(&mut add, "eos", true, true);
+                        }
+                    }
+                    if !pair.is_empty() {
+                        let start = usize::from(first.is_some() && sp(&pair[0]) == first);
+                        let stop = if last.is_some() && sp(&pair[pair.len() - 1]) == last {
+                            pair.len() - 1
+                        } else {
+                            pair.len()
+                        };
+                        let sub = &pair[start.min(stop)..stop];
+                        let seq = |x: &Json| {
+                            x.get("Sequence")
+                                .and_then(|s| s.get("id"))
+                                .and_then(Json::as_str)
+                                .map(str::to_string)
+                        };
+                        if sub.len() > 2
+                            && seq(&sub[0]).as_deref() == Some("A")
+                            && seq(&sub[sub.len() - 1]).as_deref() == Some("B")
+                        {
+                            let mid = &sub[1..sub.len() - 1];
+                            let is_sep = |e: &Option<String>| {
+                                e.is_some() && (*e == special_sep || *e == special_eos)
+                            };
+                            let mut add_sep = is_sep(&sp(&mid[0])) && last.is_none();
+                            if mid.len() == 2 && is_sep(&sp(&mid[1])) {
+                                add_sep = true;
+                            }
+                            put(&mut add, "sep", add_sep, true);
+                        }
+                    }
+                }
+                _ => {}
             }
-            let single = p
-                .get("single")
-                .and_then(Json::as_array)
-                .cloned()
-                .unwrap_or_default();
-            let special = |x: &Json| x.get("SpecialToken").is_some();
-            let bos = single.first().is_some_and(special);
-            let eos = single.len() > 1 && single.last().is_some_and(special);
-            add.push(("bos", bos));
-            add.push(("eos", eos));
         }
     }
     let added: Vec<(String, i64)> = tj
@@ -443,9 +525,7 @@ fn special_tokens(
         template = tc.get("chat_template").cloned();
         for typ in TYPES {
             if let Some(b) = tc.get(format!("add_{typ}_token")).and_then(Json::as_bool) {
-                if !add.iter().any(|(t, _)| *t == typ) {
-                    add.push((typ, b));
-                }
+                put(&mut add, typ, b, false);
             }
             let content = match tc.get(format!("{typ}_token")) {
                 Some(Json::String(s)) => Some(s.clone()),
@@ -493,7 +573,7 @@ fn special_tokens(
         }
     }
     for (typ, b) in add {
-        if typ == "bos" || typ == "eos" {
+        if matches!(typ, "bos" | "eos" | "sep") {
             kv.push((format!("tokenizer.ggml.add_{typ}_token"), Value::Bool(b)));
         }
     }

@@ -168,11 +168,13 @@ pub fn plan(dir: &Path, config: &Json, tensors: &[(String, Vec<u64>)]) -> Result
         .unwrap_or("default")
         .to_string();
 
-    // Tensors.
+    // Tensors, in the converter's order: sorted by HF name (so blk.10 comes before blk.2).
+    let mut sorted: Vec<&(String, Vec<u64>)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let mut out = Vec::new();
     let mut unknown = Vec::new();
     let mut params = 0u64;
-    for (name, shape) in tensors {
+    for (name, shape) in sorted {
         if name.ends_with("rotary_emb.inv_freq") {
             continue;
         }
@@ -227,6 +229,7 @@ pub fn plan(dir: &Path, config: &Json, tensors: &[(String, Vec<u64>)]) -> Result
         .ok()
         .and_then(|p| p.file_name().map(|s| s.to_string_lossy().to_string()))
         .unwrap_or_default();
+    md.extend(sampling(dir)?);
     if !dir_name.is_empty() {
         md.push(("general.name".into(), Value::String(title(&dir_name))));
     }
@@ -299,7 +302,11 @@ pub fn plan(dir: &Path, config: &Json, tensors: &[(String, Vec<u64>)]) -> Result
         md.push((a("rope.dimension_count"), Value::U32(head_dim as u32)));
     }
     md.push(("general.quantization_version".into(), Value::U32(2)));
-    md.extend(crate::gguf_vocab::tokenizer_metadata(dir, vocab as usize)?);
+    md.extend(crate::gguf_vocab::tokenizer_metadata(
+        dir,
+        vocab as usize,
+        arch,
+    )?);
     if let Some(f) = rope_freqs {
         out.insert(
             0,
@@ -317,6 +324,58 @@ pub fn plan(dir: &Path, config: &Json, tensors: &[(String, Vec<u64>)]) -> Result
         metadata: md,
         tensors: out,
     })
+}
+
+/// `general.sampling.*` from generation_config.json, as gguf-py's metadata reader takes them.
+fn sampling(dir: &Path) -> Result<Vec<(String, Value)>> {
+    let path = dir.join("generation_config.json");
+    if !path.is_file() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let g: Json =
+        serde_json::from_str(&text).map_err(|e| err(&path, format!("not valid JSON: {e}")))?;
+    // (key, generation_config names in priority order, integer?)
+    const KEYS: &[(&str, &[&str], Option<bool>)] = &[
+        ("sequence", &["sequence"], None),
+        ("top_k", &["top_k"], Some(true)),
+        ("top_p", &["top_p"], Some(false)),
+        ("min_p", &["min_p"], Some(false)),
+        ("xtc_probability", &["xtc_probability"], Some(false)),
+        ("xtc_threshold", &["xtc_threshold"], Some(false)),
+        ("temp", &["temperature"], Some(false)),
+        ("penalty_last_n", &["penalty_last_n"], Some(true)),
+        (
+            "penalty_repeat",
+            &["penalty_repeat", "repetition_penalty"],
+            Some(false),
+        ),
+        ("mirostat", &["mirostat"], Some(true)),
+        ("mirostat_tau", &["mirostat_tau"], Some(false)),
+        ("mirostat_eta", &["mirostat_eta"], Some(false)),
+    ];
+    let mut out = Vec::new();
+    for (key, names, int) in KEYS {
+        let Some(v) = names
+            .iter()
+            .find_map(|n| g.get(*n))
+            .filter(|v| !v.is_null())
+        else {
+            continue;
+        };
+        let value = match int {
+            None => v.as_str().map(|s| Value::String(s.to_string())),
+            Some(true) => v.as_i64().map(|i| Value::I32(i as i32)),
+            Some(false) => v.as_f64().map(|f| Value::F32(f as f32)),
+        };
+        if let Some(value) = value {
+            out.push((format!("general.sampling.{key}"), value));
+        }
+    }
+    Ok(out)
 }
 
 /// Llama 3's per-frequency rope factors (`rope_freqs.weight`), as convert_hf_to_gguf computes

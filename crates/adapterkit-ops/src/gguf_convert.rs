@@ -27,6 +27,29 @@ struct ConvRows<'a> {
 
 impl RowSource for ConvRows<'_> {
     fn rows(&self, index: usize, row: u64, out: &mut [f32]) -> Result<()> {
+        self.rows_unrounded(index, row, out)?;
+        // A merged tensor is what the merged checkpoint would hold: rounded to its dtype, so
+        // merge-then-convert equals merging to safetensors and converting that, byte for byte.
+        let t = &self.conv.tensors[self.map[index]];
+        if let Some(hf) = t.hf.as_deref() {
+            if self.rows.is_changed(hf) {
+                let dt = self.rows.info(hf).expect("planned").dtype;
+                for v in out.iter_mut() {
+                    *v = adapterkit_formats::compressed::round_to(dt, *v);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn whole(&self, index: usize) -> bool {
+        let t = &self.conv.tensors[self.map[index]];
+        t.hf.as_deref().is_some_and(|h| self.rows.needs_whole(h))
+    }
+}
+
+impl ConvRows<'_> {
+    fn rows_unrounded(&self, index: usize, row: u64, out: &mut [f32]) -> Result<()> {
         let t = &self.conv.tensors[self.map[index]];
         if let Some(v) = &t.values {
             let n = out.len();
@@ -62,11 +85,6 @@ impl RowSource for ConvRows<'_> {
             out[k * cols..(k + 1) * cols].copy_from_slice(&span[src * cols..(src + 1) * cols]);
         }
         Ok(())
-    }
-
-    fn whole(&self, index: usize) -> bool {
-        let t = &self.conv.tensors[self.map[index]];
-        t.hf.as_deref().is_some_and(|h| self.rows.needs_whole(h))
     }
 }
 
