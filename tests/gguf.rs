@@ -333,10 +333,22 @@ fn merges_into_gguf_bases_equal_export_lora() {
             cmd.arg("--weights").arg(w.join(",")).arg("-o").arg(&out);
             ok(&cmd.output().unwrap());
             // export-lora writes merged tensors as F16 for F16, BF16 and Q8_0 bases; adapterkit keeps
-            // F16/BF16 in their type (Q8_0 targets become F16, as there).
+            // every tensor in its own type: F16/BF16 rounded once, Q8_0 requantized with ggml's
+            // quantizer (within one Q8_0 step of export-lora's F16 values).
             let base = e["base"].as_str().unwrap();
             let tol = if base.contains("f32") { 1e-6 } else { 1e-2 };
             gguf_close(&out, &dir.join(want), tol);
+            let (b, o) = (
+                GgufFile::open(dir.join(base)).unwrap(),
+                GgufFile::open(&out).unwrap(),
+            );
+            for (tb, to) in b.tensors().iter().zip(o.tensors()) {
+                assert_eq!(
+                    (&tb.name, tb.ggml_type),
+                    (&to.name, to.ggml_type),
+                    "{base}: types kept"
+                );
+            }
             compared += 1;
         }
         // A PEFT adapter goes into the GGUF base directly (names and q/k permute mapped).

@@ -188,13 +188,20 @@ impl<'a> BnbView<'a> {
                 .map(|a| a.iter().filter_map(Json::as_u64).collect())
                 .ok_or_else(|| err(ck, n, "quant state has no shape"))?;
             let blocksize = state.get("blocksize").and_then(Json::as_u64).unwrap_or(64) as usize;
+            if blocksize == 0 {
+                return Err(err(ck, n, "quant state block size is 0"));
+            }
             let dtype = state
                 .get("dtype")
                 .and_then(Json::as_str)
                 .and_then(dtype_of)
                 .unwrap_or(model_dtype);
-            let numel: u64 = shape.iter().product();
-            let nblocks = (numel as usize).div_ceil(blocksize.max(1));
+            let numel = shape
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .filter(|n| *n < 1 << 48)
+                .ok_or_else(|| err(ck, n, format!("quant state shape {shape:?} is too large")))?;
+            let nblocks = (numel as usize).div_ceil(blocksize);
             let map_name = format!("{w}.quant_map");
             let map_v = read_f32(ck, &map_name)?;
             let map: [f32; 16] = map_v.as_slice().try_into().map_err(|_| {

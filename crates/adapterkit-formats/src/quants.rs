@@ -147,9 +147,7 @@ pub fn quantize(ty: GgmlType, x: &[f32], out: &mut [u8]) -> Option<()> {
     }
     let bs = ty.type_size() as usize;
     if let Some(kind) = k_kind(ty) {
-        for (xb, yb) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(bs)) {
-            kquants::quantize_block(kind, xb, yb);
-        }
+        kquants::quantize_blocks(kind, x, out);
         return Some(());
     }
     for (xb, yb) in x.chunks_exact(32).zip(out.chunks_exact_mut(bs)) {
