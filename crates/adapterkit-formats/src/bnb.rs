@@ -406,7 +406,7 @@ impl TensorSource for BnbView<'_> {
                 let cols = info.shape[1] as usize;
                 let mut raw = vec![0u8; e1 - e0];
                 self.ck.read_bytes(weight, e0 as u64, &mut raw)?;
-                let k127 = 7.874_015_7e-3_f32;
+                let k127 = 7.874_016e-3_f32;
                 for (k, v) in vals.iter_mut().enumerate() {
                     let row = (e0 + k) / cols;
                     *v = (f32::from(raw[k] as i8) * scb[row]) * k127;

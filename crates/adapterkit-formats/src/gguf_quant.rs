@@ -125,11 +125,7 @@ pub struct ModelFacts {
 
 impl ModelFacts {
     fn n_gqa(&self) -> u32 {
-        if self.n_head_kv == 0 {
-            0
-        } else {
-            self.n_head / self.n_head_kv
-        }
+        self.n_head.checked_div(self.n_head_kv).unwrap_or(0)
     }
 
     /// llama.cpp singles out 70B-class models (80 layers with grouped attention) for attn_v.

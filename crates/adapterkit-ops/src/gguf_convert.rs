@@ -88,6 +88,7 @@ impl ConvRows<'_> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Convert the checkpoint in `dir` (`base`, its `config`), merged by `plan` (which may hold no
 /// adapters), to the GGUF file `out` in `scheme`.
 pub fn hf_to_gguf(

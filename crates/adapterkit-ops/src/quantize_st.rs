@@ -307,8 +307,7 @@ pub fn write_st(
                             for x in v.iter_mut() {
                                 *x = round_to(dt, *x);
                             }
-                            let deq: Vec<f32>;
-                            match f.ct() {
+                            let deq: Vec<f32> = match f.ct() {
                                 Some(s) => {
                                     let q = compressed::quantize_rows(
                                         s,
@@ -332,7 +331,7 @@ pub fn write_st(
                                         &sb,
                                     )?;
                                     written += (q.weight.len() + sb.len()) as u64;
-                                    deq = q.dequantized;
+                                    q.dequantized
                                 }
                                 None => {
                                     let (packed, absmax) = bnb::nf4_quantize(&v, 64);
@@ -346,15 +345,15 @@ pub fn write_st(
                                         absmax.iter().flat_map(|a| a.to_le_bytes()).collect();
                                     staging.write(out + 1, e0 / 64 * 4, &ab)?;
                                     written += (packed.len() + ab.len()) as u64;
-                                    deq = if report_error {
+                                    if report_error {
                                         let mut d = vec![0f32; v.len()];
                                         bnb::dequantize_4bit(&packed, &absmax, &NF4, 64, &mut d, 0);
                                         d
                                     } else {
                                         Vec::new()
-                                    };
+                                    }
                                 }
-                            }
+                            };
                             for (x, y) in v.iter().zip(&deq) {
                                 let d = f64::from(*x) - f64::from(*y);
                                 sse += d * d;
