@@ -284,6 +284,33 @@ fn unknown_architectures_and_tokenizers_are_refused() {
     let f = GgufFile::open(&out).unwrap();
     assert_eq!(f.get_str("tokenizer.ggml.pre"), Some("gpt-2"));
     assert_eq!(f.get_str("tokenizer.ggml.model"), Some("gpt2"));
+    // One shard of a split model is refused: its tensors are only part of the model.
+    let shard = tmp.path().join("shard-00001-of-00002.gguf");
+    adapterkit_formats::gguf::write_small(
+        &shard,
+        &[
+            ("general.architecture".into(), Value::String("llama".into())),
+            ("split.count".into(), Value::U16(2)),
+        ],
+        &[(
+            adapterkit_formats::gguf::GgufSpec::from_shape(
+                "token_embd.weight",
+                &[2, 32],
+                adapterkit_formats::gguf::GgmlType::F32,
+            ),
+            vec![0u8; 256],
+        )],
+    )
+    .unwrap();
+    let e = failed(&run(&[
+        &"quantize",
+        &shard,
+        &"-o",
+        &tmp.path().join("s.gguf"),
+        &"--type",
+        &"q8_0",
+    ]));
+    assert!(e.contains("shard") && e.contains("2 files"), "{e}");
     // An architecture the converter does not know is named with what is missing.
     let hf = tmp.path().join("gpt2");
     std::fs::create_dir(&hf).unwrap();
@@ -317,4 +344,62 @@ fn unknown_architectures_and_tokenizers_are_refused() {
         e.contains("GPT2LMHeadModel") && e.contains("LlamaForCausalLM"),
         "{e}"
     );
+}
+
+#[test]
+fn merging_into_gguf_equals_merging_then_quantizing() {
+    // One streaming command equals the two-step route through a merged checkpoint, byte for byte
+    // (merged tensors are rounded to the base dtype before conversion), for a float and a
+    // quantized scheme, DoRA included.
+    let g = fixtures("gguf");
+    let tmp = tempfile::tempdir().unwrap();
+    for case in ["plain", "dora"] {
+        let adapter = g.join(case).join("adapter");
+        let merged = tmp.path().join(format!("{case}-merged"));
+        ok(&run(&[
+            &"merge",
+            &g.join("base_hf"),
+            &adapter,
+            &"-o",
+            &merged,
+        ]));
+        for q in ["f16", "q8_0", "q4_k_m"] {
+            let one = tmp.path().join(format!("{case}-{q}-one.gguf"));
+            let two = tmp.path().join(format!("{case}-{q}-two.gguf"));
+            ok(&run(&[
+                &"merge",
+                &g.join("base_hf"),
+                &adapter,
+                &"-o",
+                &one,
+                &"--quant",
+                &q,
+            ]));
+            // The merged checkpoint has no tokenizer: give it the base's.
+            for f in ["tokenizer.model", "tokenizer_config.json"] {
+                std::fs::copy(g.join("base_hf").join(f), merged.join(f)).unwrap();
+            }
+            ok(&run(&[&"quantize", &merged, &"-o", &two, &"--type", &q]));
+            // general.name comes from the directory name; everything else must be equal.
+            let (a, b) = (GgufFile::open(&one).unwrap(), GgufFile::open(&two).unwrap());
+            assert_eq!(a.tensors().len(), b.tensors().len());
+            for (x, y) in a.tensors().iter().zip(b.tensors()) {
+                assert_eq!(
+                    (&x.name, x.ggml_type, &x.ne),
+                    (&y.name, y.ggml_type, &y.ne),
+                    "{case} {q}"
+                );
+                let (mut rx, mut ry) = (vec![0u8; x.len as usize], vec![0u8; y.len as usize]);
+                a.read_raw(&x.name, 0, &mut rx).unwrap();
+                b.read_raw(&y.name, 0, &mut ry).unwrap();
+                assert!(rx == ry, "{case} {q}: {} differs", x.name);
+            }
+            for ((k1, v1), (k2, v2)) in a.metadata().iter().zip(b.metadata()) {
+                assert_eq!(k1, k2);
+                if k1 != "general.name" {
+                    assert_eq!(v1, v2, "{case} {q}: {k1}");
+                }
+            }
+        }
+    }
 }

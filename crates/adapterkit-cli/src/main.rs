@@ -611,8 +611,9 @@ fn merge_into_gguf(
     };
     let wopts = quant::write_options(a.threads, a.report_error, a.allow_nonfinite);
     let started = std::time::Instant::now();
-    let rep =
-        adapterkit_ops::gguf_merge::merge_gguf(file, adapters, &a.output, a.force, scheme, &wopts)?;
+    let rep = adapterkit_ops::gguf_merge::merge_gguf(
+        file, adapters, &a.output, a.force, scheme, a.pure, &wopts,
+    )?;
     let secs = started.elapsed().as_secs_f64();
     let w = adapterkit_ops::quantize::WriteReport {
         tensors: rep.report.tensors,
@@ -635,7 +636,7 @@ fn report_gguf_write(
     widened: &[String],
 ) -> Result<()> {
     for w in widened {
-        eprintln!("note: {w}: its type needs an importance matrix to be written; merged and written as F16");
+        eprintln!("note: {w}: this version has no quantizer for its type (i-quants, ternary and FP4 types); merged and written as F16");
     }
     if a.json {
         let v = serde_json::json!({

@@ -236,6 +236,14 @@ pub fn tokenizer_metadata(
                 format!("tokenizer model {mtype:?}: adapterkit converts SentencePiece (tokenizer.model) and byte-level BPE tokenizers"),
             ));
         }
+        let metaspace = tj.get("pre_tokenizer").is_none_or(Json::is_null)
+            && model.get("byte_fallback").and_then(Json::as_bool) == Some(true);
+        if metaspace {
+            return Err(err(
+                &tj_path,
+                "a SentencePiece-style BPE tokenizer.json (byte fallback, no byte-level pre-tokenizer) without tokenizer.model: llama.cpp converts it through its Hugging Face vocabulary path, which this version does not implement; put the model's tokenizer.model beside it",
+            ));
+        }
         let pre = bpe_pre(tj).map_err(|m| err(&tj_path, m))?;
         let mut by_id: Vec<Option<String>> = vec![None; vocab_size];
         let vocab = model

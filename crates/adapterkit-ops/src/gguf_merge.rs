@@ -21,7 +21,8 @@ use crate::execute::MergeReport;
 use crate::merged_rows::MergedRows;
 use crate::plan::{plan_direction, Direction, OutDType, WeightedAdapter};
 use crate::quantize::{
-    model_facts, quantized_metadata, write_gguf, OutTensor, RowSource, TensorError, WriteOptions,
+    model_facts, quantized_metadata, refuse_split, write_gguf, OutTensor, RowSource, TensorError,
+    WriteOptions,
 };
 
 /// A GGUF model seen as plain tensors: unquantized ones as they are, quantized ones as F32,
@@ -127,8 +128,8 @@ pub struct GgufMergeReport {
     pub report: MergeReport,
     /// Quantized targets requantized to their own type.
     pub requantized: Vec<String>,
-    /// Quantized targets whose type this version cannot write (the i-quants, which need an
-    /// importance matrix): written as F16.
+    /// Quantized targets of a type this version has no quantizer for (the i-quants, ternary and
+    /// FP4 types): written as F16.
     pub widened: Vec<String>,
     /// Per converted tensor, when asked for.
     pub errors: Vec<TensorError>,
@@ -159,7 +160,8 @@ impl RowSource for MergedGguf<'_> {
     }
 }
 
-/// Merge `adapters` into the GGUF model `base`, writing the GGUF file `out`.
+/// Merge `adapters` into the GGUF model `base`, writing the GGUF file `out`; `pure` is
+/// llama-quantize's `--pure` for `scheme`.
 ///
 /// Without a `scheme`, merged tensors keep their type: F32/F16/BF16 as they are, quantized ones
 /// requantized to the same type with ggml's reference quantizers (llama.cpp's export-lora writes
@@ -171,8 +173,10 @@ pub fn merge_gguf(
     out: &Path,
     overwrite: bool,
     scheme: Option<Scheme>,
+    pure: bool,
     opts: &WriteOptions,
 ) -> Result<GgufMergeReport> {
+    refuse_split(&base)?;
     if out.exists() && !overwrite {
         return Err(Error::Output {
             path: out.to_path_buf(),
@@ -205,7 +209,7 @@ pub fn merge_gguf(
             let names: Vec<&str> = base.tensors().iter().map(|t| t.name.as_str()).collect();
             (
                 gguf_quant::quantize_order(&names),
-                gguf_quant::choose_types(s, &facts, &tf, false),
+                gguf_quant::choose_types(s, &facts, &tf, pure),
                 quantized_metadata(base.metadata(), s),
             )
         }

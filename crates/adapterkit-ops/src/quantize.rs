@@ -332,6 +332,19 @@ pub fn read_gguf_rows(file: &GgufFile, index: usize, row: u64, out: &mut [f32]) 
     })
 }
 
+/// Refuse one shard of a split GGUF model: its tensors are only part of the model.
+pub fn refuse_split(file: &GgufFile) -> Result<()> {
+    match file.get("split.count").and_then(|v| v.as_u64()) {
+        Some(n) if n > 1 => Err(Error::Format(adapterkit_formats::Error::Gguf {
+            path: file.path().to_path_buf(),
+            message: format!(
+                "is one shard of a model split in {n} files; join them first (llama-gguf-split --merge)"
+            ),
+        })),
+        _ => Ok(()),
+    }
+}
+
 /// Requantize the GGUF model `input` to `scheme`, writing `out`; `pure` gives every quantizable
 /// tensor the scheme's default type. Tensors already in their target type are copied as bytes.
 pub fn quantize_gguf(
@@ -341,6 +354,7 @@ pub fn quantize_gguf(
     pure: bool,
     opts: &WriteOptions,
 ) -> Result<WriteReport> {
+    refuse_split(&input)?;
     let facts = model_facts(input.metadata());
     let tfacts: Vec<TensorFacts> = input
         .tensors()
