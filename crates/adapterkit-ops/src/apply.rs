@@ -458,7 +458,10 @@ pub(crate) fn prepare(
                 weight,
             } => Prepared::ReplaceRows {
                 indices: indices.iter().map(|&i| i as usize).collect(),
-                rows: plan.adapters[*adapter].adapter.tensors.read_f32(tensor)?,
+                rows: in_base_dtype(
+                    plan.adapters[*adapter].adapter.tensors.read_f32(tensor)?,
+                    t.source.dtype,
+                ),
                 weight: *weight,
             },
             OpSpec::MissBat {
@@ -479,7 +482,10 @@ pub(crate) fn prepare(
                 tensor,
                 weight,
             } => Prepared::Replace {
-                data: plan.adapters[*adapter].adapter.tensors.read_f32(tensor)?,
+                data: in_base_dtype(
+                    plan.adapters[*adapter].adapter.tensors.read_f32(tensor)?,
+                    t.source.dtype,
+                ),
                 weight: *weight,
             },
         });
@@ -488,6 +494,18 @@ pub(crate) fn prepare(
         return out.into_iter().map(|p| invert(p, &t.source.name)).collect();
     }
     Ok(out)
+}
+
+/// Replacement values as the model holds them once loaded: rounded to the base tensor's dtype
+/// (PEFT loads an adapter's saved f32 copy of a layer into the bf16/f16 model before merging).
+fn in_base_dtype(mut v: Vec<f32>, dt: adapterkit_core::DType) -> Vec<f32> {
+    use adapterkit_core::DType;
+    match dt {
+        DType::BF16 => v.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32()),
+        DType::F16 => v.iter_mut().for_each(|x| *x = half::f16::from_f32(*x).to_f32()),
+        _ => {}
+    }
+    v
 }
 
 /// Apply `ops` to rows `row0..row0 + w.len()/cols` of a tensor `cols` wide. When a DoRA op needs
