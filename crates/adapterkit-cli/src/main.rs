@@ -659,7 +659,7 @@ fn report_gguf_write(
             },
             inspect::human_bytes(r.bytes),
         );
-        quant::print_errors(&r.errors)?;
+        quant::print_errors(&r.errors, true)?;
     }
     Ok(())
 }

@@ -139,27 +139,35 @@ pub fn write_options(threads: usize, report_error: bool, allow_nonfinite: bool) 
     }
 }
 
-/// Print per-tensor errors, worst first.
-pub fn print_errors(errors: &[TensorError]) -> Result<()> {
+/// Print per-tensor errors, worst first (with the GGUF type when `with_type`).
+pub fn print_errors(errors: &[TensorError], with_type: bool) -> Result<()> {
     if errors.is_empty() {
         return Ok(());
     }
     let mut e: Vec<&TensorError> = errors.iter().collect();
     e.sort_by(|a, b| b.rel_rmse.total_cmp(&a.rel_rmse));
+    let mut out = std::io::stdout().lock();
+    let ty = |s: &str| {
+        if with_type {
+            format!(" {s:>8}")
+        } else {
+            String::new()
+        }
+    };
     writeln!(
-        std::io::stdout(),
-        "{:<48} {:>8} {:>12} {:>12}",
+        out,
+        "{:<56}{} {:>12} {:>12}",
         "tensor",
-        "type",
+        ty("type"),
         "rel. RMSE",
         "max |err|"
     )?;
     for t in e {
         writeln!(
-            std::io::stdout(),
-            "{:<48} {:>8} {:>12.3e} {:>12.3e}",
+            out,
+            "{:<56}{} {:>12.3e} {:>12.3e}",
             t.name,
-            t.ggml_type.to_string(),
+            ty(&t.ggml_type.to_string()),
             t.rel_rmse,
             t.max_abs
         )?;
@@ -253,26 +261,7 @@ pub fn print_st(out: &Path, what: &str, r: &StReport, secs: f64, json: bool) -> 
             r.quantized,
             human_bytes(r.bytes)
         )?;
-        if !r.errors.is_empty() {
-            let mut e: Vec<_> = r.errors.iter().collect();
-            e.sort_by(|a, b| b.rel_rmse.total_cmp(&a.rel_rmse));
-            writeln!(
-                std::io::stdout(),
-                "{:<56} {:>12} {:>12}",
-                "tensor",
-                "rel. RMSE",
-                "max |err|"
-            )?;
-            for t in e {
-                writeln!(
-                    std::io::stdout(),
-                    "{:<56} {:>12.3e} {:>12.3e}",
-                    t.name,
-                    t.rel_rmse,
-                    t.max_abs
-                )?;
-            }
-        }
+        print_errors(&r.errors, false)?;
     }
     Ok(())
 }
@@ -373,7 +362,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
             report.copied,
             human_bytes(report.bytes)
         )?;
-        print_errors(&report.errors)?;
+        print_errors(&report.errors, true)?;
     }
     Ok(())
 }

@@ -457,6 +457,30 @@ fn qx_lanes<const L: usize, const N: usize>(
     }
 }
 
+/// Lane-major levels back to element order (group `j` holds elements `N·j..N·j+N`), and the
+/// largest scale and min, scanned in group order as ggml does.
+#[inline(always)]
+fn gather<const L: usize, const N: usize>(
+    lq: &[[u8; L]; N],
+    scales: &[f32; L],
+    mins: &[f32; L],
+    l: &mut [u8],
+) -> (f32, f32) {
+    let (mut max_scale, mut max_min) = (0f32, 0f32);
+    for j in 0..L {
+        for (i, row) in lq.iter().enumerate() {
+            l[N * j + i] = row[j];
+        }
+        if scales[j] > max_scale {
+            max_scale = scales[j];
+        }
+        if mins[j] > max_min {
+            max_min = mins[j];
+        }
+    }
+    (max_scale, max_min)
+}
+
 /// The 6-bit scale and min of sub-block `j` packed in Q4_K/Q5_K's 12 scale bytes.
 #[inline]
 fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
@@ -573,18 +597,7 @@ fn q2_k(x: &[f32], y: &mut [u8]) {
         &mut scales,
         &mut mins,
     );
-    let (mut max_scale, mut max_min) = (0f32, 0f32);
-    for j in 0..16 {
-        for i in 0..16 {
-            l[16 * j + i] = lq[i][j];
-        }
-        if scales[j] > max_scale {
-            max_scale = scales[j];
-        }
-        if mins[j] > max_min {
-            max_min = mins[j];
-        }
-    }
+    let (max_scale, max_min) = gather(&lq, &scales, &mins, &mut l);
     let (sc, rest) = y.split_at_mut(16);
     let (qs, dd) = rest.split_at_mut(64);
     if max_scale > 0.0 {
@@ -734,18 +747,7 @@ fn q45_k(x: &[f32], y: &mut [u8], five: bool) {
         &mut scales,
         &mut mins,
     );
-    let (mut max_scale, mut max_min) = (0f32, 0f32);
-    for j in 0..8 {
-        for i in 0..32 {
-            l[32 * j + i] = lq[i][j];
-        }
-        if scales[j] > max_scale {
-            max_scale = scales[j];
-        }
-        if mins[j] > max_min {
-            max_min = mins[j];
-        }
-    }
+    let (max_scale, max_min) = gather(&lq, &scales, &mins, &mut l);
     let packed = pack_scale_min_k4(&scales, &mins, max_scale, max_min);
     y[..2].copy_from_slice(&to_f16(max_scale / 63.0));
     y[2..4].copy_from_slice(&to_f16(max_min / 63.0));

@@ -501,8 +501,12 @@ pub(crate) fn prepare(
 fn in_base_dtype(mut v: Vec<f32>, dt: adapterkit_core::DType) -> Vec<f32> {
     use adapterkit_core::DType;
     match dt {
-        DType::BF16 => v.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32()),
-        DType::F16 => v.iter_mut().for_each(|x| *x = half::f16::from_f32(*x).to_f32()),
+        DType::BF16 => v
+            .iter_mut()
+            .for_each(|x| *x = half::bf16::from_f32(*x).to_f32()),
+        DType::F16 => v
+            .iter_mut()
+            .for_each(|x| *x = half::f16::from_f32(*x).to_f32()),
         _ => {}
     }
     v

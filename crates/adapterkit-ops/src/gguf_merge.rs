@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use adapterkit_core::{DType, TensorInfo, TensorSource};
 use adapterkit_formats::gguf::{GgmlType, GgufFile, GgufSpec};
-use adapterkit_formats::gguf_quant::{self, Scheme, TensorFacts};
+use adapterkit_formats::gguf_quant::{self, Scheme};
 use adapterkit_formats::quants::{self, dequantize};
 
 use crate::error::{Error, Result};
@@ -21,8 +21,8 @@ use crate::execute::MergeReport;
 use crate::merged_rows::MergedRows;
 use crate::plan::{plan_direction, Direction, OutDType, WeightedAdapter};
 use crate::quantize::{
-    model_facts, quantized_metadata, refuse_split, write_gguf, OutTensor, RowSource, TensorError,
-    WriteOptions,
+    model_facts, quantized_metadata, refuse_split, tensor_facts, write_gguf, OutTensor, RowSource,
+    TensorError, WriteOptions,
 };
 
 /// A GGUF model seen as plain tensors: unquantized ones as they are, quantized ones as F32,
@@ -197,15 +197,7 @@ pub fn merge_gguf(
     let (order, types, metadata) = match scheme {
         Some(s) => {
             let facts = model_facts(base.metadata());
-            let tf: Vec<TensorFacts> = base
-                .tensors()
-                .iter()
-                .map(|t| TensorFacts {
-                    name: &t.name,
-                    ne: &t.ne,
-                    ggml_type: t.ggml_type,
-                })
-                .collect();
+            let tf = tensor_facts(&base);
             let names: Vec<&str> = base.tensors().iter().map(|t| t.name.as_str()).collect();
             (
                 gguf_quant::quantize_order(&names),

@@ -272,6 +272,18 @@ pub fn model_facts(metadata: &[(String, Value)]) -> ModelFacts {
     }
 }
 
+/// Every tensor of `file` as the type choice sees it.
+pub fn tensor_facts(file: &GgufFile) -> Vec<TensorFacts<'_>> {
+    file.tensors()
+        .iter()
+        .map(|t| TensorFacts {
+            name: &t.name,
+            ne: &t.ne,
+            ggml_type: t.ggml_type,
+        })
+        .collect()
+}
+
 /// The metadata of a quantized model: the input's, with `general.quantization_version` and
 /// `general.file_type` set last (as llama-quantize does) and split keys dropped.
 pub fn quantized_metadata(metadata: &[(String, Value)], scheme: Scheme) -> Vec<(String, Value)> {
@@ -356,15 +368,7 @@ pub fn quantize_gguf(
 ) -> Result<WriteReport> {
     refuse_split(&input)?;
     let facts = model_facts(input.metadata());
-    let tfacts: Vec<TensorFacts> = input
-        .tensors()
-        .iter()
-        .map(|t| TensorFacts {
-            name: &t.name,
-            ne: &t.ne,
-            ggml_type: t.ggml_type,
-        })
-        .collect();
+    let tfacts = tensor_facts(&input);
     let types = gguf_quant::choose_types(scheme, &facts, &tfacts, pure);
     let names: Vec<&str> = input.tensors().iter().map(|t| t.name.as_str()).collect();
     let order = gguf_quant::quantize_order(&names);
