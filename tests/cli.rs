@@ -787,3 +787,21 @@ fn in_place_reshard_replaces_old_shards_and_keeps_unrelated_files() {
         1e-5,
     );
 }
+
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    // `adapterkit inspect … | head -0`: the reader is gone before anything is written. The process
+    // ends as Unix tools do (SIGPIPE), never with a panic message.
+    use std::process::Stdio;
+    let mut child = common::bin()
+        .arg("inspect")
+        .arg(common::fixtures("gguf").join("base_f32.gguf"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -747,7 +747,19 @@ pub(crate) fn with_progress<T>(
     out
 }
 
+/// Die quietly on a closed stdout (`adapterkit inspect … | head`), as Unix tools do, instead of
+/// panicking in `println!`: Rust starts programs with SIGPIPE ignored.
+fn default_sigpipe() {
+    #[cfg(unix)]
+    #[allow(unsafe_code)]
+    // SAFETY: restoring a signal's default disposition at start-up, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    default_sigpipe();
     let cli = Cli::parse();
     let json = match &cli.command {
         Command::Merge(a) | Command::Unmerge(a) => a.json,
