@@ -94,8 +94,60 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
     Ok(())
 }
 
+/// An AdapterHub adapter: every part, mergeable or not, with its tensors.
+fn describe_adapterhub(path: &Path) -> Result<Value> {
+    let (d, file) = adapterkit_formats::adapterhub::describe(path)?;
+    let (dtypes, params, bytes) = dtype_summary(file.tensors().iter());
+    let parts: Vec<Value> = d
+        .parts
+        .iter()
+        .map(|p| {
+            json!({"part": p.kind.name(), "mergeable": p.kind.mergeable(),
+                "why_not": (!p.kind.mergeable()).then(|| p.kind.why_not()),
+                "tensors": p.tensors.len(), "config": p.config})
+        })
+        .collect();
+    let notes: Vec<String> = d
+        .parts
+        .iter()
+        .map(|p| {
+            format!(
+                "{} ({} tensors): {}",
+                p.kind.name(),
+                p.tensors.len(),
+                if p.kind.mergeable() {
+                    "mergeable".to_string()
+                } else {
+                    format!("not mergeable, {}", p.kind.why_not())
+                }
+            )
+        })
+        .collect();
+    Ok(json!({
+        "kind": "adapter",
+        "path": path,
+        "format": "adapterhub",
+        "peft_type": d.parts.iter().map(|p| p.kind.name()).collect::<Vec<_>>().join("+"),
+        "name": d.name,
+        "model_class": d.model_class,
+        "version": d.version,
+        "base_model": d.config_json.get("model_name"),
+        "mergeable": d.parts.iter().all(|p| p.kind.mergeable()),
+        "parts": parts,
+        "head": d.head,
+        "notes": notes,
+        "tensor_count": file.tensors().len(),
+        "dtypes": dtypes,
+        "parameters": params,
+        "size_bytes": bytes,
+    }))
+}
+
 fn describe_adapter(path: &Path) -> Result<Value> {
     let format = convert::detect(path)?;
+    if format == convert::AdapterFormat::AdapterHub {
+        return describe_adapterhub(path);
+    }
     let (dir, opened) = if format == convert::AdapterFormat::Peft {
         let dir = peft::resolve_dir(path)?;
         let o = peft::open(&dir);

@@ -41,17 +41,20 @@ pub enum AdapterFormat {
     Gguf,
     /// mlx-lm adapter directories.
     Mlx,
+    /// AdapterHub `adapters` library directories.
+    AdapterHub,
 }
 
 impl AdapterFormat {
     /// Every format.
-    pub const ALL: [AdapterFormat; 6] = [
+    pub const ALL: [AdapterFormat; 7] = [
         AdapterFormat::Peft,
         AdapterFormat::Kohya,
         AdapterFormat::Lycoris,
         AdapterFormat::Diffusers,
         AdapterFormat::Gguf,
         AdapterFormat::Mlx,
+        AdapterFormat::AdapterHub,
     ];
 
     /// The CLI name.
@@ -63,6 +66,7 @@ impl AdapterFormat {
             AdapterFormat::Diffusers => "diffusers",
             AdapterFormat::Gguf => "gguf",
             AdapterFormat::Mlx => "mlx",
+            AdapterFormat::AdapterHub => "adapterhub",
         }
     }
 
@@ -84,6 +88,9 @@ pub fn detect(path: &Path) -> Result<AdapterFormat> {
     if path.is_dir() {
         if mlx::sniff(path) {
             return Ok(AdapterFormat::Mlx);
+        }
+        if crate::adapterhub::sniff(path) {
+            return Ok(AdapterFormat::AdapterHub);
         }
         if path.join("adapter_config.json").is_file()
             || path.join("adapter_model.safetensors").is_file()
@@ -145,6 +152,7 @@ pub fn open(
         AdapterFormat::Diffusers => diffusers::open(path, base),
         AdapterFormat::Gguf => gguf_lora::open(path, base),
         AdapterFormat::Mlx => mlx::open(path, base),
+        AdapterFormat::AdapterHub => crate::adapterhub::open(path),
     }
 }
 
@@ -176,6 +184,11 @@ pub fn write(
     opts: &WriteOptions,
 ) -> Result<Written> {
     match to {
+        AdapterFormat::AdapterHub => Err(fmt_err(
+            out,
+            "adapterhub",
+            "writing the adapters library's layout is not supported by this version (its config names target layers by role, not by module); write PEFT instead",
+        )),
         AdapterFormat::Peft => write_peft(adapter, out, opts),
         AdapterFormat::Kohya | AdapterFormat::Lycoris => kohya_write(adapter, to, out, opts),
         AdapterFormat::Diffusers => {

@@ -14,6 +14,7 @@
 //! This crate does layout only; arithmetic lives in `adapterkit-ops`.
 
 pub mod adapter_writer;
+pub mod adapterhub;
 pub mod base_names;
 pub mod bnb;
 pub mod checkpoint;

@@ -1,0 +1,508 @@
+//! AdapterHub's `adapters` library: directories written by `model.save_adapter(dir, name)`
+//! (`adapter_config.json` with `config`, and `adapter.safetensors`).
+//!
+//! Every part of an adapter is recognised from its tensor names and its config:
+//! - LoRA (`<module>.loras.<name>.lora_A [r, in]`, `.lora_B [out, r]`): `W + (B·A)·α/r`;
+//! - IA3 (`composition_mode: "scale"`, only `lora_B [out, 1]`): `W·diag(lora_B·α)` row by row,
+//!   the bias untouched (the library's merge; its forward also scales the bias);
+//! - DoRA (`use_dora`, `m.weight [out, 1]`): `m·V/‖V‖` per row with `V = W + B·A` (the library
+//!   merges without α/r);
+//! - parts that add computation by construction and cannot be folded into the weights:
+//!   bottleneck adapters (Pfeiffer, Houlsby, parallel, Compacter's PHM layers), prefix tuning,
+//!   prompt tuning, ReFT interventions, invertible adapters;
+//! - VeRA and gated LoRA, which the library's own merge refuses or this version does not read.
+//!
+//! [`describe`] lists the parts (for `inspect`); [`open`] gives the IR of an adapter whose every
+//! part can be merged, and otherwise refuses, naming each part that cannot and why.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use adapterkit_core::ir::{Adapter, Family, LayerKind, LowRank, ModuleAdapter, Payload, ScaleAxis};
+use adapterkit_core::{DType, TensorSource};
+use serde_json::Value;
+
+use crate::memory::MemorySource;
+use crate::peft::PeftAdapter;
+use crate::safetensors::SafetensorsFile;
+use crate::{Error, Result};
+
+/// The config file.
+pub const CONFIG: &str = "adapter_config.json";
+/// The weights the library writes with `use_safetensors=True`.
+pub const WEIGHTS: &str = "adapter.safetensors";
+/// The pickled weights it writes by default.
+pub const PICKLE: &str = "pytorch_adapter.bin";
+
+fn err(path: &Path, message: impl Into<String>) -> Error {
+    crate::convert::fmt_err(path, "adapterhub", message)
+}
+
+fn read_config(dir: &Path) -> Option<Value> {
+    let text = std::fs::read_to_string(dir.join(CONFIG)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Whether `dir` holds an `adapters` library adapter (its config has `config` and an
+/// `adapters.` version or a `model_class`, and no PEFT `peft_type`).
+pub fn sniff(dir: &Path) -> bool {
+    read_config(dir).is_some_and(|c| {
+        c.get("config").is_some_and(Value::is_object)
+            && c.get("peft_type").is_none()
+            && (c
+                .get("version")
+                .and_then(Value::as_str)
+                .is_some_and(|v| v.starts_with("adapters."))
+                || c.get("model_class").is_some())
+    })
+}
+
+/// What a part of an adapter is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartKind {
+    /// LoRA: `W + (B·A)·α/r`.
+    Lora,
+    /// IA3: rows scaled by `lora_B·α`.
+    Ia3,
+    /// DoRA.
+    Dora,
+    /// VeRA (not read by this version).
+    Vera,
+    /// Gated LoRA (the library cannot merge it).
+    GatedLora,
+    /// A bottleneck adapter (`kind`: sequential, parallel, Compacter …).
+    Bottleneck(String),
+    /// Prefix tuning.
+    Prefix,
+    /// Prompt tuning.
+    Prompt,
+    /// A ReFT intervention.
+    Reft,
+    /// An invertible adapter on the embeddings.
+    Invertible,
+}
+
+impl PartKind {
+    /// Whether the part folds into the weights.
+    pub fn mergeable(&self) -> bool {
+        matches!(self, PartKind::Lora | PartKind::Ia3 | PartKind::Dora)
+    }
+
+    /// A short name.
+    pub fn name(&self) -> String {
+        match self {
+            PartKind::Lora => "LoRA".into(),
+            PartKind::Ia3 => "IA3".into(),
+            PartKind::Dora => "DoRA".into(),
+            PartKind::Vera => "VeRA".into(),
+            PartKind::GatedLora => "gated LoRA".into(),
+            PartKind::Bottleneck(k) => format!("{k} bottleneck adapter"),
+            PartKind::Prefix => "prefix tuning".into(),
+            PartKind::Prompt => "prompt tuning".into(),
+            PartKind::Reft => "ReFT intervention".into(),
+            PartKind::Invertible => "invertible adapter".into(),
+        }
+    }
+
+    /// Why it cannot be merged (for the parts that cannot).
+    pub fn why_not(&self) -> &'static str {
+        match self {
+            PartKind::Bottleneck(_) => "it inserts a down-projection, a non-linearity and an up-projection into the forward pass; a non-linear function of the activations is not a change of any weight",
+            PartKind::Prefix => "it prepends trained key/value vectors to every attention layer; they change the attention's inputs, not its weights",
+            PartKind::Prompt => "it prepends trained embeddings to the input sequence; no weight holds them",
+            PartKind::Reft => "it edits hidden representations with a learned projection at given positions; that is not a weight update",
+            PartKind::Invertible => "it applies an invertible network to the embeddings' outputs, non-linearly",
+            PartKind::Vera => "VeRA in the adapters layout (full vera_B/vera_D matrices with shared projections) is not read by this version",
+            PartKind::GatedLora => "its update is scaled by a gate computed from the input; the library itself refuses to merge it",
+            _ => "",
+        }
+    }
+}
+
+/// One part of an adapter (one entry of a union, or the whole config).
+#[derive(Debug, Clone)]
+pub struct Part {
+    /// What it is.
+    pub kind: PartKind,
+    /// Its config.
+    pub config: Value,
+    /// Its tensors.
+    pub tensors: Vec<String>,
+}
+
+/// An adapter as the library saved it.
+#[derive(Debug, Clone)]
+pub struct Description {
+    /// The adapter's name.
+    pub name: String,
+    /// The model class it was saved from.
+    pub model_class: Option<String>,
+    /// The library version that wrote it.
+    pub version: Option<String>,
+    /// Its parts.
+    pub parts: Vec<Part>,
+    /// A prediction head saved beside it (`head_config.json`).
+    pub head: Option<Value>,
+    /// The config file as written.
+    pub config_json: Value,
+}
+
+fn config_parts(c: &Value) -> Vec<Value> {
+    if c.get("architecture").and_then(Value::as_str) == Some("union") {
+        c.get("configs")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    } else {
+        vec![c.clone()]
+    }
+}
+
+fn kind_of(c: &Value) -> PartKind {
+    let arch = c.get("architecture").and_then(Value::as_str);
+    let flag = |k: &str| c.get(k).and_then(Value::as_bool) == Some(true);
+    match arch {
+        Some("lora") => {
+            if flag("use_gating") {
+                PartKind::GatedLora
+            } else if !c.get("vera_d").is_none_or(Value::is_null)
+                || !c.get("vera_b").is_none_or(Value::is_null)
+            {
+                PartKind::Vera
+            } else if flag("use_dora") {
+                PartKind::Dora
+            } else if c.get("composition_mode").and_then(Value::as_str) == Some("scale") {
+                PartKind::Ia3
+            } else {
+                PartKind::Lora
+            }
+        }
+        Some("prefix_tuning") => PartKind::Prefix,
+        Some("prompt_tuning") => PartKind::Prompt,
+        Some(a) if a.contains("reft") => PartKind::Reft,
+        _ => {
+            let k = if flag("phm_layer") {
+                "Compacter (PHM)"
+            } else if flag("is_parallel") {
+                "parallel"
+            } else if flag("mh_adapter") && flag("output_adapter") {
+                "Houlsby (double sequential)"
+            } else {
+                "sequential (Pfeiffer)"
+            };
+            PartKind::Bottleneck(k.into())
+        }
+    }
+}
+
+/// Which part a tensor belongs to, by the library's module names.
+fn tensor_kind(name: &str) -> &'static str {
+    if name.contains(".loras.")
+        || name.contains("shared_parameters")
+            && (name.ends_with("lora_A") || name.ends_with("lora_B"))
+    {
+        "lora"
+    } else if name.contains("prefix_tunings") || name.contains("prefix_tuning") {
+        "prefix"
+    } else if name.contains("prompt_tunings") || name.contains("prompt_embedding") {
+        "prompt"
+    } else if name.contains(".refts.") {
+        "reft"
+    } else if name.contains("invertible_adapters") {
+        "invertible"
+    } else {
+        "bottleneck"
+    }
+}
+
+/// Read an adapter's config and list its parts.
+pub fn describe(dir: &Path) -> Result<(Description, Arc<SafetensorsFile>)> {
+    let cfg_path = dir.join(CONFIG);
+    if !dir.join(WEIGHTS).is_file() && dir.join(PICKLE).is_file() {
+        return Err(err(
+            &dir.join(PICKLE),
+            "the weights are a pickle (torch.save), which adapterkit does not load: pickles can run code. Save the adapter again with model.save_adapter(dir, name, use_safetensors=True)",
+        ));
+    }
+    let cfg = read_config(dir).ok_or_else(|| err(&cfg_path, "missing or not JSON"))?;
+    let c = cfg
+        .get("config")
+        .filter(|c| c.is_object())
+        .ok_or_else(|| err(&cfg_path, "no \"config\" object"))?;
+    let file = Arc::new(SafetensorsFile::open_mapped(dir.join(WEIGHTS))?);
+    let configs = config_parts(c);
+    let mut parts: Vec<Part> = configs
+        .iter()
+        .map(|c| Part {
+            kind: kind_of(c),
+            config: c.clone(),
+            tensors: Vec::new(),
+        })
+        .collect();
+    // Tensors go to the first part of their kind (a union has at most one part per kind here).
+    let mut orphans = Vec::new();
+    for t in file.tensors() {
+        let tk = tensor_kind(&t.name);
+        let fits = |k: &PartKind| match tk {
+            "lora" => matches!(
+                k,
+                PartKind::Lora
+                    | PartKind::Ia3
+                    | PartKind::Dora
+                    | PartKind::Vera
+                    | PartKind::GatedLora
+            ),
+            "prefix" => *k == PartKind::Prefix,
+            "prompt" => *k == PartKind::Prompt,
+            "reft" => *k == PartKind::Reft,
+            "invertible" => true,
+            _ => matches!(k, PartKind::Bottleneck(_)),
+        };
+        if tk == "invertible" {
+            orphans.push(t.name.clone());
+            continue;
+        }
+        match parts.iter_mut().find(|p| fits(&p.kind)) {
+            Some(p) => p.tensors.push(t.name.clone()),
+            None => orphans.push(t.name.clone()),
+        }
+    }
+    if !orphans.is_empty() {
+        if orphans.iter().all(|o| tensor_kind(o) == "invertible") {
+            parts.push(Part {
+                kind: PartKind::Invertible,
+                config: Value::Null,
+                tensors: orphans,
+            });
+        } else {
+            return Err(err(
+                &dir.join(WEIGHTS),
+                format!(
+                    "{} tensor(s) belong to no part of the config: {}",
+                    orphans.len(),
+                    orphans
+                        .iter()
+                        .take(4)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+    }
+    let head = std::fs::read_to_string(dir.join("head_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    Ok((
+        Description {
+            name: cfg
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            model_class: cfg
+                .get("model_class")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            version: cfg
+                .get("version")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            parts,
+            head,
+            config_json: cfg.clone(),
+        },
+        file,
+    ))
+}
+
+/// Open an adapter whose every part merges into the weights, as IR; refuse one with parts that
+/// add computation, naming each and why (and which parts would merge).
+pub fn open(dir: &Path) -> Result<PeftAdapter> {
+    let (d, file) = describe(dir)?;
+    let st = dir.join(WEIGHTS);
+    let blocked: Vec<&Part> = d.parts.iter().filter(|p| !p.kind.mergeable()).collect();
+    if !blocked.is_empty() {
+        let ok: Vec<String> = d
+            .parts
+            .iter()
+            .filter(|p| p.kind.mergeable())
+            .map(|p| format!("{} ({} tensors)", p.kind.name(), p.tensors.len()))
+            .collect();
+        let mut msg = format!(
+            "adapter {:?} cannot be folded into the weights: {}",
+            d.name,
+            blocked
+                .iter()
+                .map(|p| format!("{}: {}", p.kind.name(), p.kind.why_not()))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        if ok.is_empty() {
+            msg.push_str(". No part of it is a weight update.");
+        } else {
+            msg.push_str(&format!(
+                ". Its mergeable part{} ({}) would merge on {} own, but merging only part of the adapter would not be the model it was trained as, so nothing is written.",
+                if ok.len() > 1 { "s" } else { "" },
+                ok.join(", "),
+                if ok.len() > 1 { "their" } else { "its" }
+            ));
+        }
+        return Err(err(dir, msg));
+    }
+    let mut mem = MemorySource::over(file.clone());
+    let mut modules = Vec::new();
+    let mut notes = Vec::new();
+    for p in &d.parts {
+        let c = &p.config;
+        let r = c.get("r").and_then(Value::as_u64).unwrap_or(0);
+        let alpha = c.get("alpha").and_then(Value::as_f64).ok_or_else(|| {
+            err(
+                &dir.join(CONFIG),
+                format!("{}: alpha is missing", p.kind.name()),
+            )
+        })?;
+        // Group the part's tensors by module.
+        let mut by_module: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        for t in &p.tensors {
+            let Some((module, rest)) = t.split_once(".loras.") else {
+                return Err(err(
+                    &st,
+                    format!("tensor {t:?}: not under <module>.loras.<name>"),
+                ));
+            };
+            let role = rest.split_once('.').map_or(rest, |(_, r)| r);
+            by_module
+                .entry(module.to_string())
+                .or_default()
+                .insert(role.to_string(), t.clone());
+        }
+        for (module, roles) in by_module {
+            let get = |role: &str| -> Result<&String> {
+                roles.get(role).ok_or_else(|| {
+                    err(
+                        &st,
+                        format!("module {module}: {} without its {role}", p.kind.name()),
+                    )
+                })
+            };
+            let target = format!("{module}.weight");
+            match p.kind {
+                PartKind::Ia3 => {
+                    let b = get("lora_B")?;
+                    let info = file
+                        .info(b)
+                        .ok_or_else(|| err(&st, format!("{b}: missing")))?
+                        .clone();
+                    if info.shape.len() != 2 || info.shape[1] != 1 {
+                        return Err(err(
+                            &st,
+                            format!("{b}: shape {:?}, IA3 expects [out, 1]", info.shape),
+                        ));
+                    }
+                    let v: Vec<f32> = file
+                        .read_f32(b)?
+                        .iter()
+                        .map(|x| (f64::from(*x) * alpha) as f32)
+                        .collect();
+                    let name = format!("{b}·alpha");
+                    mem.insert_f32(&name, DType::F32, vec![info.shape[0]], &v)?;
+                    modules.push(ModuleAdapter {
+                        module: module.clone(),
+                        target,
+                        family: Family::Ia3,
+                        payload: Payload::Scale {
+                            tensor: name,
+                            axis: ScaleAxis::Output,
+                            fan_in_fan_out: false,
+                            bias: false,
+                        },
+                    });
+                }
+                PartKind::Lora | PartKind::Dora => {
+                    let (a, b) = (get("lora_A")?, get("lora_B")?);
+                    let dora = p.kind == PartKind::Dora;
+                    let magnitude = if dora {
+                        let m = get("m.weight")?;
+                        // The library stores m as [out, 1]; the IR reads a vector.
+                        let v = file.read_f32(m)?;
+                        let name = format!("{m}·vector");
+                        mem.insert_f32(&name, DType::F32, vec![v.len() as u64], &v)?;
+                        Some(name)
+                    } else {
+                        None
+                    };
+                    if r == 0 {
+                        return Err(err(&dir.join(CONFIG), "LoRA with r = 0"));
+                    }
+                    // The library merges DoRA without α/r (methods/lora.py), LoRA with it.
+                    let scale = if dora { 1.0 } else { alpha / r as f64 };
+                    modules.push(ModuleAdapter {
+                        module: module.clone(),
+                        target,
+                        family: Family::Lora,
+                        payload: Payload::LowRank(LowRank {
+                            layer: LayerKind::Linear {
+                                fan_in_fan_out: false,
+                            },
+                            a: a.clone(),
+                            b: b.clone(),
+                            rank: r,
+                            alpha,
+                            rslora: false,
+                            scale,
+                            magnitude,
+                            singular_values: None,
+                        }),
+                    });
+                }
+                _ => unreachable!("only mergeable parts reach here"),
+            }
+        }
+        if p.kind == PartKind::Dora && (alpha - r as f64).abs() > 0.0 {
+            notes.push(format!(
+                "DoRA merged as the adapters library merges it, without alpha/r = {}: its forward pass scales the update, so the merged model differs from the unmerged one",
+                alpha / r as f64
+            ));
+        }
+        if p.kind == PartKind::Ia3 {
+            notes.push("IA3 merged as the adapters library merges it: the bias is not scaled (its forward pass scales the bias too)".into());
+        }
+    }
+    let tensor_names = modules
+        .iter()
+        .flat_map(|m| m.payload.tensors().into_iter().map(str::to_string))
+        .collect();
+    let family = if modules.iter().all(|m| m.family == Family::Ia3) {
+        Family::Ia3
+    } else {
+        Family::Lora
+    };
+    let mem: Arc<dyn TensorSource> = Arc::new(mem);
+    Ok(PeftAdapter {
+        dir: PathBuf::from(dir),
+        config_json: d.config_json.clone(),
+        adapter: Adapter {
+            path: st,
+            format: "adapterhub",
+            method: d
+                .parts
+                .iter()
+                .map(|p| p.kind.name())
+                .collect::<Vec<_>>()
+                .join("+"),
+            family,
+            base_model: d
+                .config_json
+                .get("model_name")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            modules,
+            tensors: mem,
+            tensor_names,
+            shared_tensors: Vec::new(),
+            notes,
+        },
+    })
+}

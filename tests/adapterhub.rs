@@ -1,0 +1,156 @@
+//! AdapterHub's `adapters` library (`fixtures/adapterhub`, made by its `generate.py` with
+//! adapters 1.3.0 / transformers 4.57.6 in their own venv): LoRA, IA3 and DoRA adapters merge as
+//! the library's own `merge_adapter` computes them (its merged state dicts); every part that adds
+//! computation (bottleneck adapters, Compacter, prefix and prompt tuning, ReFT, and the unions
+//! holding them) is refused with the reason, naming the mergeable parts; pickled weights are
+//! refused; `inspect` lists every part.
+
+mod common;
+
+use adapterkit_core::TensorSource;
+use adapterkit_formats::safetensors::SafetensorsFile;
+use common::{failed, fixtures, ok, run};
+use serde_json::Value;
+
+fn manifest() -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(fixtures("adapterhub").join("manifest.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn mergeable_adapters_equal_the_librarys_merge() {
+    let dir = fixtures("adapterhub");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut merged = 0;
+    for c in manifest()["cases"].as_array().unwrap() {
+        let name = c["name"].as_str().unwrap();
+        let m = &c["merge"];
+        let only_mergeable = m["non_mergeable_parts"]
+            .as_array()
+            .is_some_and(|a| a.is_empty());
+        if m["status"] != "ok" || !only_mergeable || c["config_class"] == "VeraConfig" {
+            continue;
+        }
+        let out = tmp.path().join(format!("{name}.safetensors"));
+        let base = dir.join("bases").join(c["base"].as_str().unwrap());
+        ok(&run(&[
+            &"merge",
+            &base,
+            &dir.join(c["dir"].as_str().unwrap()),
+            &"-o",
+            &out,
+        ]));
+        let got = SafetensorsFile::open(&out).unwrap();
+        let want = SafetensorsFile::open(dir.join(m["merged_state"].as_str().unwrap())).unwrap();
+        for t in want.tensors() {
+            let (x, y) = (
+                got.read_f32(&t.name).unwrap(),
+                want.read_f32(&t.name).unwrap(),
+            );
+            let scale = y.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-30);
+            let d = x
+                .iter()
+                .zip(&y)
+                .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+            assert!(d <= 1e-6 * scale, "{name}: {}: {d} (scale {scale})", t.name);
+        }
+        merged += 1;
+    }
+    // LoRA (q/v, all, leave_out, BERT and Llama), IA3 (α = 1 and 2), scale mode, DoRA.
+    assert!(merged >= 10, "{merged} cases merged");
+}
+
+#[test]
+fn parts_that_add_computation_are_refused_with_the_reason() {
+    let dir = fixtures("adapterhub");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut refused = 0;
+    for c in manifest()["cases"].as_array().unwrap() {
+        let name = c["name"].as_str().unwrap();
+        let parts = c["merge"]["non_mergeable_parts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let gated = c["merge"]["status"] == "error" && parts.is_empty();
+        if parts.is_empty() && !gated && c["config_class"] != "VeraConfig" {
+            continue;
+        }
+        let out = tmp.path().join(format!("{name}.safetensors"));
+        let base = dir.join("bases").join(c["base"].as_str().unwrap());
+        let e = failed(&run(&[
+            &"merge",
+            &base,
+            &dir.join(c["dir"].as_str().unwrap()),
+            &"-o",
+            &out,
+        ]));
+        assert!(
+            e.contains("cannot be folded into the weights"),
+            "{name}: {e}"
+        );
+        for p in &parts {
+            let word = match p.as_str().unwrap() {
+                "bottleneck" => "bottleneck",
+                "prefix_tuning" => "prefix tuning",
+                "prompt_tuning" => "prompt tuning",
+                "reft" => "ReFT",
+                other => other,
+            };
+            assert!(e.contains(word), "{name}: {word} not named: {e}");
+        }
+        // A union whose LoRA part the library merges names that part.
+        if c["merge"]["status"] == "ok" && !parts.is_empty() {
+            assert!(e.contains("mergeable part"), "{name}: {e}");
+        }
+        assert!(!out.exists(), "{name}: nothing written");
+        refused += 1;
+    }
+    assert!(refused >= 18, "{refused} cases refused");
+}
+
+#[test]
+fn pickles_are_refused_and_inspect_lists_every_part() {
+    let dir = fixtures("adapterhub");
+    let m = manifest();
+    let pickle = dir.join(m["pickle_case"]["dir"].as_str().unwrap());
+    let e = failed(&run(&[&"inspect", &pickle]));
+    assert!(
+        e.contains("pickle") && e.contains("use_safetensors=True"),
+        "{e}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let e = failed(&run(&[
+        &"merge",
+        &dir.join("bases/bert"),
+        &pickle,
+        &"-o",
+        &tmp.path().join("x"),
+    ]));
+    assert!(e.contains("pickle"), "{e}");
+    for c in m["cases"].as_array().unwrap() {
+        let o = run(&[&"inspect", &dir.join(c["dir"].as_str().unwrap()), &"--json"]);
+        ok(&o);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["format"], "adapterhub", "{}", c["name"]);
+        let n: u64 = v["parts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["tensors"].as_u64().unwrap())
+            .sum();
+        assert_eq!(
+            n as usize,
+            c["tensors"].as_object().unwrap().len(),
+            "{}: every tensor in a part",
+            c["name"]
+        );
+        let mergeable = c["merge"]["non_mergeable_parts"]
+            .as_array()
+            .is_some_and(|a| a.is_empty())
+            && c["merge"]["status"] == "ok"
+            && c["config_class"] != "VeraConfig";
+        assert_eq!(v["mergeable"], mergeable, "{}", c["name"]);
+    }
+}
