@@ -154,3 +154,43 @@ fn pickles_are_refused_and_inspect_lists_every_part() {
         assert_eq!(v["mergeable"], mergeable, "{}", c["name"]);
     }
 }
+
+#[test]
+fn lora_converts_to_the_peft_twin_exactly() {
+    // The generator saved each LoRA case's weights as a PEFT adapter too; `convert --to peft`
+    // must give the same tensors, byte for byte.
+    let dir = fixtures("adapterhub");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    for c in manifest()["cases"].as_array().unwrap() {
+        let name = c["name"].as_str().unwrap();
+        if c["family"] != "lora" || c["peft"]["dir"].as_str().is_none() {
+            continue;
+        }
+        let out = tmp.path().join(name);
+        ok(&run(&[
+            &"convert",
+            &dir.join(c["dir"].as_str().unwrap()),
+            &"--to",
+            &"peft",
+            &"-o",
+            &out,
+        ]));
+        let got = SafetensorsFile::open(out.join("adapter_model.safetensors")).unwrap();
+        let twin = dir
+            .join(c["peft"]["dir"].as_str().unwrap())
+            .join("adapter_model.safetensors");
+        let want = SafetensorsFile::open(twin).unwrap();
+        assert_eq!(got.tensors().len(), want.tensors().len(), "{name}");
+        for t in want.tensors() {
+            let mut a = vec![0u8; t.len as usize];
+            let mut b = vec![0u8; t.len as usize];
+            got.read_bytes(&t.name, 0, &mut a)
+                .unwrap_or_else(|e| panic!("{name}: {}: {e}", t.name));
+            want.read_bytes(&t.name, 0, &mut b).unwrap();
+            assert!(a == b, "{name}: {}", t.name);
+        }
+        n += 1;
+    }
+    assert!(n >= 4, "{n} LoRA cases converted");
+}
