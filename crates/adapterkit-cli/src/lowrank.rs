@@ -127,6 +127,13 @@ pub struct ExtractArgs {
     /// (modules_to_save).
     #[arg(long)]
     pub embed_lora: bool,
+    /// Store the largest differences instead of a LoRA: per tensor, the top --density fraction
+    /// of |W_ft − W_base| as (index, value) pairs, in one .safetensors file.
+    #[arg(long, requires = "density")]
+    pub sparse: bool,
+    /// With --sparse: the fraction of each tensor's entries to keep (0 < d ≤ 1).
+    #[arg(long, requires = "sparse")]
+    pub density: Option<f64>,
     /// Dtype of the factors: auto (each fine-tuned tensor's own), f32, bf16 or f16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
@@ -151,7 +158,7 @@ pub struct ConvertArgs {
     #[arg(long, value_parser = ["peft", "kohya", "lycoris", "diffusers", "gguf", "mlx"], conflicts_with = "to_family", required_unless_present = "to_family")]
     pub to: Option<String>,
     /// Read the input as this format instead of detecting it.
-    #[arg(long, value_parser = ["peft", "kohya", "lycoris", "diffusers", "gguf", "mlx"])]
+    #[arg(long, value_parser = ["peft", "kohya", "lycoris", "diffusers", "gguf", "mlx", "adapterhub", "sparse"])]
     pub from: Option<String>,
     /// With --to gguf: the llama.cpp architecture (llama, qwen2, …) when --base does not say;
     /// with --to diffusers: the component for modules without one (unet, transformer, …).
@@ -303,7 +310,62 @@ pub fn run_compress(a: CompressArgs) -> Result<()> {
 }
 
 /// `adapterkit extract`.
+/// `extract --sparse`.
+fn run_extract_sparse(a: &ExtractArgs, density: f64) -> Result<()> {
+    if a.output.extension().is_none_or(|e| e != "safetensors") {
+        bail!(
+            "{}: a sparse difference is one file; name it *.safetensors",
+            a.output.display()
+        );
+    }
+    let base =
+        Checkpoint::open(&a.base).with_context(|| format!("opening base {}", a.base.display()))?;
+    let ft = Checkpoint::open(&a.finetuned)
+        .with_context(|| format!("opening fine-tune {}", a.finetuned.display()))?;
+    if same(&a.output, &a.base) || same(&a.output, &a.finetuned) {
+        bail!("{}: the output cannot be an input", a.output.display());
+    }
+    let started = std::time::Instant::now();
+    let rep =
+        adapterkit_ops::sparse_extract::extract_sparse(&base, &ft, density, &a.output, a.force)?;
+    let secs = started.elapsed().as_secs_f64();
+    let stored: u64 = rep.tensors.iter().map(|t| t.nnz).sum();
+    if a.json {
+        let v = json!({
+            "output": a.output, "density": density, "stored": stored,
+            "total_rel_error": rep.total_rel_error, "unchanged_tensors": rep.unchanged,
+            "tensors": rep.tensors.iter().map(|t| json!({"tensor": t.name, "numel": t.numel,
+                "k": t.k, "nnz": t.nnz, "rel_error": t.rel_error})).collect::<Vec<_>>(),
+            "seconds": secs,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{:<56} {:>10} {:>10} {:>10}",
+            "tensor", "elements", "stored", "rel. error"
+        );
+        for t in &rep.tensors {
+            println!(
+                "{:<56} {:>10} {:>10} {:>10.4}",
+                t.name, t.numel, t.nnz, t.rel_error
+            );
+        }
+        println!(
+            "extracted {stored} entries of {} changed tensor(s) (density {density}) into {}: relative error {:.4} over the model; {} tensor(s) unchanged; {secs:.2}s",
+            rep.tensors.len(),
+            a.output.display(),
+            rep.total_rel_error,
+            rep.unchanged
+        );
+    }
+    Ok(())
+}
+
 pub fn run_extract(a: ExtractArgs) -> Result<()> {
+    if a.sparse {
+        let d = a.density.context("--sparse needs --density")?;
+        return run_extract_sparse(&a, d);
+    }
     let policy = a.rank.policy(None)?;
     let dtype = factor_dtype(&a.dtype)?;
     let base =

@@ -43,11 +43,13 @@ pub enum AdapterFormat {
     Mlx,
     /// AdapterHub `adapters` library directories.
     AdapterHub,
+    /// Sparse weight differences (adapterkit's layout, LT-SFT's transcribed).
+    Sparse,
 }
 
 impl AdapterFormat {
     /// Every format.
-    pub const ALL: [AdapterFormat; 7] = [
+    pub const ALL: [AdapterFormat; 8] = [
         AdapterFormat::Peft,
         AdapterFormat::Kohya,
         AdapterFormat::Lycoris,
@@ -55,6 +57,7 @@ impl AdapterFormat {
         AdapterFormat::Gguf,
         AdapterFormat::Mlx,
         AdapterFormat::AdapterHub,
+        AdapterFormat::Sparse,
     ];
 
     /// The CLI name.
@@ -67,6 +70,7 @@ impl AdapterFormat {
             AdapterFormat::Gguf => "gguf",
             AdapterFormat::Mlx => "mlx",
             AdapterFormat::AdapterHub => "adapterhub",
+            AdapterFormat::Sparse => "sparse",
         }
     }
 
@@ -118,6 +122,9 @@ pub fn detect(path: &Path) -> Result<AdapterFormat> {
         return Ok(AdapterFormat::Gguf);
     }
     let file = SafetensorsFile::open(path)?;
+    if crate::sparse::sniff(&file) {
+        return Ok(AdapterFormat::Sparse);
+    }
     if let Some(f) = kohya::sniff(&file) {
         return Ok(if f == "lycoris" {
             AdapterFormat::Lycoris
@@ -153,6 +160,7 @@ pub fn open(
         AdapterFormat::Gguf => gguf_lora::open(path, base),
         AdapterFormat::Mlx => mlx::open(path, base),
         AdapterFormat::AdapterHub => crate::adapterhub::open(path),
+        AdapterFormat::Sparse => crate::sparse::open(path),
     }
 }
 
@@ -184,6 +192,11 @@ pub fn write(
     opts: &WriteOptions,
 ) -> Result<Written> {
     match to {
+        AdapterFormat::Sparse => Err(fmt_err(
+            out,
+            "sparse",
+            "sparse differences are written by `extract --sparse` from a fine-tune",
+        )),
         AdapterFormat::AdapterHub => Err(fmt_err(
             out,
             "adapterhub",

@@ -39,6 +39,7 @@ pub mod quants;
 pub mod recipe;
 pub mod safetensors;
 pub mod sgm;
+pub mod sparse;
 
 pub use adapter_writer::AdapterWriter;
 pub use checkpoint::Checkpoint;

@@ -22,6 +22,7 @@ pub mod model_merge;
 pub mod plan;
 pub mod quantize;
 pub mod quantize_st;
+pub mod sparse_extract;
 pub mod svd;
 pub mod torch_rng;
 
