@@ -194,3 +194,25 @@ fn lora_converts_to_the_peft_twin_exactly() {
     }
     assert!(n >= 4, "{n} LoRA cases converted");
 }
+
+#[test]
+fn check_reads_every_adapter_and_refuses_the_pickle() {
+    let dir = fixtures("adapterhub");
+    let m = manifest();
+    for c in m["cases"].as_array().unwrap() {
+        let o = run(&[&"check", &dir.join(c["dir"].as_str().unwrap())]);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}: {}",
+            c["name"],
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
+    let o = run(&[
+        &"check",
+        &dir.join(m["pickle_case"]["dir"].as_str().unwrap()),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("pickle"));
+}

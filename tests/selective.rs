@@ -297,3 +297,21 @@ fn spec(
         shape,
     }
 }
+
+#[test]
+fn check_and_inspect_read_sparse_differences() {
+    let dir = fixtures("selective");
+    let c = &manifest()["sparse_cases"][0];
+    let lt = dir.join(c["lt_sft_transcribed"].as_str().unwrap());
+    let o = run(&[&"check", &lt]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let o = run(&[&"inspect", &lt, &"--json"]);
+    ok(&o);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["format"], "lt-sft");
+}

@@ -143,7 +143,7 @@ fn walk(path: &Path, depth: usize, out: &mut Vec<Target>) -> std::io::Result<()>
     if !meta.is_dir() || depth > 16 {
         return Ok(());
     }
-    if adapterkit_formats::mlx::sniff(path) {
+    if adapterkit_formats::mlx::sniff(path) || adapterkit_formats::adapterhub::sniff(path) {
         out.push(Target::Foreign(path.to_path_buf()));
         return Ok(());
     }
@@ -187,9 +187,12 @@ fn file_target(path: &Path) -> Target {
         return Target::Foreign(path.to_path_buf());
     }
     match detect(path) {
-        Ok(AdapterFormat::Kohya | AdapterFormat::Lycoris | AdapterFormat::Diffusers) => {
-            Target::Foreign(path.to_path_buf())
-        }
+        Ok(
+            AdapterFormat::Kohya
+            | AdapterFormat::Lycoris
+            | AdapterFormat::Diffusers
+            | AdapterFormat::Sparse,
+        ) => Target::Foreign(path.to_path_buf()),
         _ => Target::Safetensors(path.to_path_buf()),
     }
 }
@@ -358,6 +361,20 @@ pub fn check_target(target: &Target, base: Option<&Checkpoint>) -> Vec<Finding> 
 /// the container checks only.
 fn check_foreign(sink: &mut Sink, path: &Path, base: Option<&Checkpoint>) {
     use adapterkit_formats::gguf::GgufFile;
+    // An AdapterHub adapter: its file is checked whatever its parts; the IR rules apply when every
+    // part is a weight update (bottleneck adapters, prefixes … are valid, just not mergeable).
+    if path.is_dir() && adapterkit_formats::adapterhub::sniff(path) {
+        match adapterkit_formats::adapterhub::describe(path) {
+            Err(e) => return format_error(sink, &e),
+            Ok((d, file)) => {
+                let names: Vec<String> = file.tensors().iter().map(|t| t.name.clone()).collect();
+                numeric_and_dtypes(sink, &*file, &names);
+                if !d.parts.iter().all(|p| p.kind.mergeable()) {
+                    return;
+                }
+            }
+        }
+    }
     if GgufFile::sniff(path) {
         match GgufFile::open(path) {
             Err(e) => return format_error(sink, &e),
@@ -644,8 +661,9 @@ fn adapter_rules(sink: &mut Sink, ad: &Adapter, config: &Value) {
         );
     }
     // Whole tensors in a LoRA-family file must be modules_to_save or saved embedding layers;
-    // anything else is a tensor PEFT reports as unexpected and ignores.
-    if ad.method != "LN_TUNING" {
+    // anything else is a tensor PEFT reports as unexpected and ignores. (Sparse differences
+    // hold densely tuned tensors whole by design.)
+    if ad.method != "LN_TUNING" && ad.method != "SPARSE" {
         let saved: Vec<String> = config
             .get("modules_to_save")
             .and_then(Value::as_array)
