@@ -1,5 +1,5 @@
 //! AdapterHub's `adapters` library (`fixtures/adapterhub`, made by its `generate.py` with
-//! adapters 1.3.0 / transformers 4.57.6 in their own venv): LoRA, IA3 and DoRA adapters merge as
+//! adapters 1.3.0 / transformers 4.57.6 in their own venv): LoRA, IA3, DoRA and VeRA adapters merge as
 //! the library's own `merge_adapter` computes them (its merged state dicts); every part that adds
 //! computation (bottleneck adapters, Compacter, prefix and prompt tuning, ReFT, and the unions
 //! holding them) is refused with the reason, naming the mergeable parts; pickled weights are
@@ -30,7 +30,7 @@ fn mergeable_adapters_equal_the_librarys_merge() {
         let only_mergeable = m["non_mergeable_parts"]
             .as_array()
             .is_some_and(|a| a.is_empty());
-        if m["status"] != "ok" || !only_mergeable || c["config_class"] == "VeraConfig" {
+        if m["status"] != "ok" || !only_mergeable {
             continue;
         }
         let out = tmp.path().join(format!("{name}.safetensors"));
@@ -58,8 +58,8 @@ fn mergeable_adapters_equal_the_librarys_merge() {
         }
         merged += 1;
     }
-    // LoRA (q/v, all, leave_out, BERT and Llama), IA3 (α = 1 and 2), scale mode, DoRA.
-    assert!(merged >= 10, "{merged} cases merged");
+    // LoRA (q/v, all, leave_out, BERT and Llama), IA3 (α = 1 and 2), scale mode, DoRA, VeRA.
+    assert!(merged >= 11, "{merged} cases merged");
 }
 
 #[test]
@@ -74,7 +74,7 @@ fn parts_that_add_computation_are_refused_with_the_reason() {
             .cloned()
             .unwrap_or_default();
         let gated = c["merge"]["status"] == "error" && parts.is_empty();
-        if parts.is_empty() && !gated && c["config_class"] != "VeraConfig" {
+        if parts.is_empty() && !gated {
             continue;
         }
         let out = tmp.path().join(format!("{name}.safetensors"));
@@ -149,8 +149,7 @@ fn pickles_are_refused_and_inspect_lists_every_part() {
         let mergeable = c["merge"]["non_mergeable_parts"]
             .as_array()
             .is_some_and(|a| a.is_empty())
-            && c["merge"]["status"] == "ok"
-            && c["config_class"] != "VeraConfig";
+            && c["merge"]["status"] == "ok";
         assert_eq!(v["mergeable"], mergeable, "{}", c["name"]);
     }
 }
@@ -215,4 +214,42 @@ fn check_reads_every_adapter_and_refuses_the_pickle() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stdout).contains("pickle"));
+}
+
+#[test]
+fn composition_setups_are_metadata() {
+    let dir = fixtures("adapterhub");
+    let tmp = tempfile::tempdir().unwrap();
+    for c in manifest()["setup_cases"].as_array().unwrap() {
+        let setup = dir.join(c["dir"].as_str().unwrap());
+        let o = run(&[&"inspect", &setup, &"--json"]);
+        ok(&o);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let ty = c["adapter_setup_json"]["adapter_setup"]["type"]
+            .as_str()
+            .unwrap();
+        assert!(
+            v["composition"].as_str().unwrap().starts_with(ty),
+            "{}: {}",
+            c["name"],
+            v["composition"]
+        );
+        assert_eq!(v["mergeable"], false);
+        let e = failed(&run(&[
+            &"merge",
+            &dir.join("bases/bert"),
+            &setup,
+            &"-o",
+            &tmp.path().join("x.safetensors"),
+        ]));
+        assert!(e.contains("composition setup") && e.contains(ty), "{e}");
+        // Its adapters are checked one by one.
+        let o = run(&[&"check", &setup]);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
 }

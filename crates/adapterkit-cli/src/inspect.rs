@@ -94,8 +94,44 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
     Ok(())
 }
 
+/// An AdapterHub composition setup: the block tree, its adapters and fusion layers.
+fn describe_setup(path: &Path) -> Result<Value> {
+    let s = adapterkit_formats::adapterhub::describe_setup(path)?;
+    let mut notes = vec![format!("composition: {}", s.tree)];
+    for (name, d) in &s.adapters {
+        notes.push(format!(
+            "adapter {name}: {}",
+            d.parts
+                .iter()
+                .map(|p| p.kind.name())
+                .collect::<Vec<_>>()
+                .join("+")
+        ));
+    }
+    for f in &s.fusions {
+        notes.push(format!(
+            "fusion layer {f} (attention over its adapters' outputs; not mergeable)"
+        ));
+    }
+    Ok(json!({
+        "kind": "adapter",
+        "path": path,
+        "format": "adapterhub",
+        "peft_type": "composition setup",
+        "composition": s.tree,
+        "adapter_setup": s.json,
+        "adapters": s.adapters.iter().map(|(n, d)| json!({"name": n, "parts": d.parts.iter().map(|p| p.kind.name()).collect::<Vec<_>>()})).collect::<Vec<_>>(),
+        "fusions": s.fusions,
+        "mergeable": false,
+        "notes": notes,
+    }))
+}
+
 /// An AdapterHub adapter: every part, mergeable or not, with its tensors.
 fn describe_adapterhub(path: &Path) -> Result<Value> {
+    if adapterkit_formats::adapterhub::is_setup(path) {
+        return describe_setup(path);
+    }
     let (d, file) = adapterkit_formats::adapterhub::describe(path)?;
     let (dtypes, params, bytes) = dtype_summary(file.tensors().iter());
     let parts: Vec<Value> = d

@@ -10,7 +10,9 @@
 //! - parts that add computation by construction and cannot be folded into the weights:
 //!   bottleneck adapters (Pfeiffer, Houlsby, parallel, Compacter's PHM layers), prefix tuning,
 //!   prompt tuning, ReFT interventions, invertible adapters;
-//! - VeRA and gated LoRA, which the library's own merge refuses or this version does not read.
+//! - VeRA (`vera_B [out, out]`, `vera_D [r, r]` per layer, shared `lora_A`/`lora_B`):
+//!   `W + (vera_B·B·vera_D·A)·α/r`, read as a LoRA with `B' = vera_B·B·vera_D` (computed in f64);
+//! - gated LoRA, which the library's own merge refuses.
 //!
 //! [`describe`] lists the parts (for `inspect`); [`open`] gives the IR of an adapter whose every
 //! part can be merged, and otherwise refuses, naming each part that cannot and why.
@@ -42,6 +44,93 @@ fn err(path: &Path, message: impl Into<String>) -> Error {
 fn read_config(dir: &Path) -> Option<Value> {
     let text = std::fs::read_to_string(dir.join(CONFIG)).ok()?;
     serde_json::from_str(&text).ok()
+}
+
+/// The composition file `save_adapter_setup` writes.
+pub const SETUP: &str = "adapter_setup.json";
+
+/// Whether `dir` is a composition setup (`adapter_setup.json` beside one directory per adapter).
+pub fn is_setup(dir: &Path) -> bool {
+    dir.join(SETUP).is_file()
+}
+
+/// A composition setup: the block tree (`Stack`, `Fuse`, `Parallel`, `BatchSplit`, …) rendered as
+/// text, and the adapter and fusion directories beside it.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// The tree, e.g. `Stack(c, Fuse(a, b))`.
+    pub tree: String,
+    /// `adapter_setup.json` as written.
+    pub json: Value,
+    /// Adapter directories (name → description).
+    pub adapters: Vec<(String, Description)>,
+    /// Fusion layers (`adapter_fusion_config.json` directories, named `a,b`).
+    pub fusions: Vec<String>,
+}
+
+fn render(v: &Value) -> String {
+    let ty = v.get("type").and_then(Value::as_str).unwrap_or("?");
+    let kids: Vec<String> = v
+        .get("children")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .map(|c| match c {
+                    Value::String(s) => s.clone(),
+                    other => render(other),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if ty == "single" && kids.len() == 1 {
+        kids[0].clone()
+    } else {
+        format!("{ty}({})", kids.join(", "))
+    }
+}
+
+/// Read a composition setup.
+pub fn describe_setup(dir: &Path) -> Result<Setup> {
+    let path = dir.join(SETUP);
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let json: Value =
+        serde_json::from_str(&text).map_err(|e| err(&path, format!("not valid JSON: {e}")))?;
+    let tree = json
+        .get("adapter_setup")
+        .filter(|v| !v.is_null())
+        .map(render)
+        .ok_or_else(|| err(&path, "no adapter_setup"))?;
+    let mut adapters = Vec::new();
+    let mut fusions = Vec::new();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    entries.sort();
+    for e in entries {
+        let name = e
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        if e.join("adapter_fusion_config.json").is_file() {
+            fusions.push(name);
+        } else if sniff(&e) {
+            adapters.push((name, describe(&e)?.0));
+        }
+    }
+    Ok(Setup {
+        tree,
+        json,
+        adapters,
+        fusions,
+    })
 }
 
 /// Whether `dir` holds an `adapters` library adapter (its config has `config` and an
@@ -86,7 +175,10 @@ pub enum PartKind {
 impl PartKind {
     /// Whether the part folds into the weights.
     pub fn mergeable(&self) -> bool {
-        matches!(self, PartKind::Lora | PartKind::Ia3 | PartKind::Dora)
+        matches!(
+            self,
+            PartKind::Lora | PartKind::Ia3 | PartKind::Dora | PartKind::Vera
+        )
     }
 
     /// A short name.
@@ -113,7 +205,6 @@ impl PartKind {
             PartKind::Prompt => "it prepends trained embeddings to the input sequence; no weight holds them",
             PartKind::Reft => "it edits hidden representations with a learned projection at given positions; that is not a weight update",
             PartKind::Invertible => "it applies an invertible network to the embeddings' outputs, non-linearly",
-            PartKind::Vera => "VeRA in the adapters layout (full vera_B/vera_D matrices with shared projections) is not read by this version",
             PartKind::GatedLora => "its update is scaled by a gate computed from the input; the library itself refuses to merge it",
             _ => "",
         }
@@ -320,6 +411,17 @@ pub fn describe(dir: &Path) -> Result<(Description, Arc<SafetensorsFile>)> {
 /// Open an adapter whose every part merges into the weights, as IR; refuse one with parts that
 /// add computation, naming each and why (and which parts would merge).
 pub fn open(dir: &Path) -> Result<PeftAdapter> {
+    if is_setup(dir) {
+        let s = describe_setup(dir)?;
+        return Err(err(
+            dir,
+            format!(
+                "a composition setup, {}: its adapters act together in the forward pass (stacked, fused by learned attention, or in parallel), which is not one weight update; merge its adapters one by one ({})",
+                s.tree,
+                s.adapters.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
     let (d, file) = describe(dir)?;
     let st = dir.join(WEIGHTS);
     let blocked: Vec<&Part> = d.parts.iter().filter(|p| !p.kind.mergeable()).collect();
@@ -363,9 +465,15 @@ pub fn open(dir: &Path) -> Result<PeftAdapter> {
                 format!("{}: alpha is missing", p.kind.name()),
             )
         })?;
-        // Group the part's tensors by module.
+        // Group the part's tensors by module; VeRA's shared projections apart.
         let mut by_module: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        let mut shared: BTreeMap<String, String> = BTreeMap::new();
         for t in &p.tensors {
+            if t.contains("shared_parameters") {
+                let role = t.rsplit('.').next().unwrap_or(t).to_string();
+                shared.insert(role, t.clone());
+                continue;
+            }
             let Some((module, rest)) = t.split_once(".loras.") else {
                 return Err(err(
                     &st,
@@ -457,6 +565,72 @@ pub fn open(dir: &Path) -> Result<PeftAdapter> {
                         }),
                     });
                 }
+                PartKind::Vera => {
+                    let (vb, vd) = (get("vera_B")?, get("vera_D")?);
+                    let (sa, sb) = match (shared.get("lora_A"), shared.get("lora_B")) {
+                        (Some(a), Some(b)) => (a.clone(), b.clone()),
+                        _ => {
+                            return Err(err(
+                                &st,
+                                "VeRA without its shared lora_A/lora_B (shared_parameters)",
+                            ))
+                        }
+                    };
+                    let shape = |n: &str| file.info(n).map(|i| i.shape.clone()).unwrap_or_default();
+                    let (sbv, vbs, vds, sas) = (shape(&sb), shape(vb), shape(vd), shape(&sa));
+                    let out = vbs.first().copied().unwrap_or(0);
+                    let ok = sas.len() == 2
+                        && sas[0] == r
+                        && sbv == vec![out, r]
+                        && vbs == vec![out, out]
+                        && vds == vec![r, r];
+                    if !ok {
+                        return Err(err(&st, format!("module {module}: VeRA shapes vera_B {vbs:?}, vera_D {vds:?}, shared lora_B {sbv:?}, lora_A {sas:?} do not chain for r = {r}")));
+                    }
+                    // B' = vera_B · B · vera_D (out × r), in f64.
+                    let (o, rr) = (out as usize, r as usize);
+                    let (mb, b, md) = (file.read_f32(vb)?, file.read_f32(&sb)?, file.read_f32(vd)?);
+                    let mut t1 = vec![0f64; o * rr];
+                    for i in 0..o {
+                        for k in 0..o {
+                            let m = f64::from(mb[i * o + k]);
+                            if m != 0.0 {
+                                for j in 0..rr {
+                                    t1[i * rr + j] += m * f64::from(b[k * rr + j]);
+                                }
+                            }
+                        }
+                    }
+                    let mut beff = vec![0f32; o * rr];
+                    for i in 0..o {
+                        for j in 0..rr {
+                            let v: f64 = (0..rr)
+                                .map(|k| t1[i * rr + k] * f64::from(md[k * rr + j]))
+                                .sum();
+                            beff[i * rr + j] = v as f32;
+                        }
+                    }
+                    let name = format!("{vb}·B");
+                    mem.insert_f32(&name, DType::F32, vec![out, r], &beff)?;
+                    modules.push(ModuleAdapter {
+                        module: module.clone(),
+                        target,
+                        family: Family::Vera,
+                        payload: Payload::LowRank(LowRank {
+                            layer: LayerKind::Linear {
+                                fan_in_fan_out: false,
+                            },
+                            a: sa,
+                            b: name,
+                            rank: r,
+                            alpha,
+                            rslora: false,
+                            scale: alpha / r as f64,
+                            magnitude: None,
+                            singular_values: None,
+                        }),
+                    });
+                }
                 _ => unreachable!("only mergeable parts reach here"),
             }
         }
@@ -470,9 +644,23 @@ pub fn open(dir: &Path) -> Result<PeftAdapter> {
             notes.push("IA3 merged as the adapters library merges it: the bias is not scaled (its forward pass scales the bias too)".into());
         }
     }
-    let tensor_names = modules
+    let mut tensor_names: Vec<String> = modules
         .iter()
         .flat_map(|m| m.payload.tensors().into_iter().map(str::to_string))
+        .collect();
+    tensor_names.sort();
+    tensor_names.dedup();
+    // VeRA's shared A serves every module.
+    let shared_tensors: Vec<String> = d
+        .parts
+        .iter()
+        .filter(|p| p.kind == PartKind::Vera)
+        .flat_map(|p| {
+            p.tensors
+                .iter()
+                .filter(|t| t.contains("shared_parameters"))
+                .cloned()
+        })
         .collect();
     let family = if modules.iter().all(|m| m.family == Family::Ia3) {
         Family::Ia3
@@ -501,7 +689,7 @@ pub fn open(dir: &Path) -> Result<PeftAdapter> {
             modules,
             tensors: mem,
             tensor_names,
-            shared_tensors: Vec::new(),
+            shared_tensors,
             notes,
         },
     })

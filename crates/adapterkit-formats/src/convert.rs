@@ -93,7 +93,7 @@ pub fn detect(path: &Path) -> Result<AdapterFormat> {
         if mlx::sniff(path) {
             return Ok(AdapterFormat::Mlx);
         }
-        if crate::adapterhub::sniff(path) {
+        if crate::adapterhub::sniff(path) || crate::adapterhub::is_setup(path) {
             return Ok(AdapterFormat::AdapterHub);
         }
         if path.join("adapter_config.json").is_file()
