@@ -310,6 +310,18 @@ pub fn run_compress(a: CompressArgs) -> Result<()> {
 }
 
 /// `adapterkit extract`.
+/// The base and fine-tuned checkpoints of `extract`, neither of them the output.
+fn open_pair(a: &ExtractArgs) -> Result<(Checkpoint, Checkpoint)> {
+    let base =
+        Checkpoint::open(&a.base).with_context(|| format!("opening base {}", a.base.display()))?;
+    let ft = Checkpoint::open(&a.finetuned)
+        .with_context(|| format!("opening fine-tune {}", a.finetuned.display()))?;
+    if same(&a.output, &a.base) || same(&a.output, &a.finetuned) {
+        bail!("{}: the output cannot be an input", a.output.display());
+    }
+    Ok((base, ft))
+}
+
 /// `extract --sparse`.
 fn run_extract_sparse(a: &ExtractArgs, density: f64) -> Result<()> {
     if a.output.extension().is_none_or(|e| e != "safetensors") {
@@ -318,13 +330,7 @@ fn run_extract_sparse(a: &ExtractArgs, density: f64) -> Result<()> {
             a.output.display()
         );
     }
-    let base =
-        Checkpoint::open(&a.base).with_context(|| format!("opening base {}", a.base.display()))?;
-    let ft = Checkpoint::open(&a.finetuned)
-        .with_context(|| format!("opening fine-tune {}", a.finetuned.display()))?;
-    if same(&a.output, &a.base) || same(&a.output, &a.finetuned) {
-        bail!("{}: the output cannot be an input", a.output.display());
-    }
+    let (base, ft) = open_pair(a)?;
     let started = std::time::Instant::now();
     let rep =
         adapterkit_ops::sparse_extract::extract_sparse(&base, &ft, density, &a.output, a.force)?;
@@ -368,13 +374,7 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
     }
     let policy = a.rank.policy(None)?;
     let dtype = factor_dtype(&a.dtype)?;
-    let base =
-        Checkpoint::open(&a.base).with_context(|| format!("opening base {}", a.base.display()))?;
-    let ft = Checkpoint::open(&a.finetuned)
-        .with_context(|| format!("opening fine-tune {}", a.finetuned.display()))?;
-    if same(&a.output, &a.base) || same(&a.output, &a.finetuned) {
-        bail!("{}: the output cannot be an input", a.output.display());
-    }
+    let (base, ft) = open_pair(&a)?;
     let svd_opts = a.svd.options();
     if matches!(policy.rule, RankRule::Energy(_) | RankRule::MaxError(_))
         && policy.max_rank.is_none()
