@@ -259,3 +259,93 @@ fn composition_setups_are_metadata() {
         );
     }
 }
+
+#[test]
+fn peft_twins_convert_back_to_the_librarys_files() {
+    // PEFT → adapters: the library's own adapter_config (targets by role, leave_out) and tensors,
+    // byte for byte; and the written adapter merges as the library merged the original.
+    let dir = fixtures("adapterhub");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    for c in manifest()["cases"].as_array().unwrap() {
+        let ia3 = c["family"] == "ia3" && c["base"] == "llama";
+        if (c["family"] != "lora" && !ia3) || c["peft"]["dir"].as_str().is_none() {
+            continue;
+        }
+        let case = c["name"].as_str().unwrap();
+        let orig = dir.join(c["dir"].as_str().unwrap());
+        let cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(orig.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        let out = tmp.path().join(case).join(cfg["name"].as_str().unwrap());
+        let base = dir.join("bases").join(c["base"].as_str().unwrap());
+        ok(&run(&[
+            &"convert",
+            &dir.join(c["peft"]["dir"].as_str().unwrap()),
+            &"--to",
+            &"adapterhub",
+            &"-o",
+            &out,
+            &"--base",
+            &base,
+        ]));
+        let got: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        // PEFT's IA3 holds lora_B·α: with α ≠ 1 the same update comes back as α = 1.
+        let alpha_one = !ia3 || cfg["config"]["alpha"] == 1;
+        if alpha_one {
+            assert_eq!(got["config"], cfg["config"], "{case}");
+            let (g, w) = (
+                SafetensorsFile::open(out.join("adapter.safetensors")).unwrap(),
+                SafetensorsFile::open(orig.join("adapter.safetensors")).unwrap(),
+            );
+            assert_eq!(g.tensors().len(), w.tensors().len(), "{case}");
+            for t in w.tensors() {
+                assert_eq!(
+                    g.read_f32(&t.name).unwrap(),
+                    w.read_f32(&t.name).unwrap(),
+                    "{case}: {}",
+                    t.name
+                );
+            }
+        }
+        for k in ["name", "model_class", "model_type", "hidden_size"] {
+            assert_eq!(got[k], cfg[k], "{case}: {k}");
+        }
+        let merged = tmp.path().join(format!("{case}.safetensors"));
+        ok(&run(&[&"merge", &base, &out, &"-o", &merged]));
+        let (g, w) = (
+            SafetensorsFile::open(&merged).unwrap(),
+            SafetensorsFile::open(dir.join(c["merge"]["merged_state"].as_str().unwrap())).unwrap(),
+        );
+        for t in w.tensors() {
+            let (x, y) = (g.read_f32(&t.name).unwrap(), w.read_f32(&t.name).unwrap());
+            let scale = y.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-30);
+            let d = x
+                .iter()
+                .zip(&y)
+                .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+            assert!(d <= 1e-6 * scale, "{case}: {}: {d}", t.name);
+        }
+        n += 1;
+    }
+    assert!(n >= 6, "{n} cases");
+    // Modules the library cannot target (o_proj, gate_proj) are refused by name, nothing written.
+    let out = tmp.path().join("plain");
+    let e = failed(&run(&[
+        &"convert",
+        &fixtures("gguf").join("plain/adapter"),
+        &"--to",
+        &"adapterhub",
+        &"-o",
+        &out,
+    ]));
+    assert!(
+        e.contains("cannot target") && (e.contains("o_proj") || e.contains("gate_proj")),
+        "{e}"
+    );
+    assert!(!out.exists());
+}

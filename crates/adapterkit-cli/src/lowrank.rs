@@ -155,7 +155,7 @@ pub struct ConvertArgs {
     #[arg(short, long)]
     pub output: PathBuf,
     /// Write the adapter in this format.
-    #[arg(long, value_parser = ["peft", "kohya", "lycoris", "diffusers", "gguf", "mlx"], conflicts_with = "to_family", required_unless_present = "to_family")]
+    #[arg(long, value_parser = ["peft", "kohya", "lycoris", "diffusers", "gguf", "mlx", "adapterhub"], conflicts_with = "to_family", required_unless_present = "to_family")]
     pub to: Option<String>,
     /// Read the input as this format instead of detecting it.
     #[arg(long, value_parser = ["peft", "kohya", "lycoris", "diffusers", "gguf", "mlx", "adapterhub", "sparse"])]

@@ -694,3 +694,249 @@ pub fn open(dir: &Path) -> Result<PeftAdapter> {
         },
     })
 }
+
+/// A module's place in the library's config: its layer and its role (`q`, `k`, `v`,
+/// `intermediate`, `output`), for the Llama and BERT layouts.
+fn role_of(module: &str) -> Option<(u64, &'static str)> {
+    let layer_after = |key: &str| -> Option<(u64, &str)> {
+        let (_, rest) = module.split_once(key)?;
+        let (i, tail) = rest.split_once('.')?;
+        Some((i.parse().ok()?, tail))
+    };
+    if let Some((i, tail)) = layer_after("layers.") {
+        let role = match tail {
+            "self_attn.q_proj" => "q",
+            "self_attn.k_proj" => "k",
+            "self_attn.v_proj" => "v",
+            // The library's Llama mapping: intermediate → down_proj, output → up_proj.
+            "mlp.down_proj" => "intermediate",
+            "mlp.up_proj" => "output",
+            _ => return None,
+        };
+        return Some((i, role));
+    }
+    if let Some((i, tail)) = layer_after("encoder.layer.") {
+        let role = match tail {
+            "attention.self.query" => "q",
+            "attention.self.key" => "k",
+            "attention.self.value" => "v",
+            "intermediate.dense" => "intermediate",
+            "output.dense" => "output",
+            _ => return None,
+        };
+        return Some((i, role));
+    }
+    None
+}
+
+/// Write a LoRA or IA3 adapter in the library's layout (`adapter_config.json` +
+/// `adapter.safetensors`), named after the output directory. The library places its modules by
+/// role and layer, so every layer must hold the same roles (layers without any are `leave_out`);
+/// different scales are baked into `lora_B` with `alpha = r`.
+pub fn write(
+    adapter: &Adapter,
+    out: &Path,
+    base: Option<&crate::base_names::BaseNames>,
+    overwrite: bool,
+) -> Result<crate::convert::Written> {
+    use adapterkit_core::ir::ScaleAxis as Axis;
+    let fail = |m: String| err(out, m);
+    if out.exists() && !overwrite {
+        return Err(fail("exists; pass --force to replace it".into()));
+    }
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| fail("the output directory names the adapter; give it a name".into()))?;
+    enum Kind {
+        Lora,
+        Ia3,
+    }
+    let kind = if adapter.modules.iter().all(|m| matches!(&m.payload, Payload::Scale { axis: Axis::Output, .. })) {
+        Kind::Ia3
+    } else if adapter.modules.iter().all(|m| matches!(&m.payload, Payload::LowRank(lr) if lr.magnitude.is_none() && lr.singular_values.is_none() && matches!(lr.layer, LayerKind::Linear { fan_in_fan_out: false }))) {
+        Kind::Lora
+    } else {
+        return Err(fail("the adapters library's LoRA layout holds plain LoRA (no DoRA, embeddings, convs or Conv1D) or output-side IA3; this adapter is neither".into()));
+    };
+    // Layers and roles.
+    let mut layers: BTreeMap<u64, Vec<&'static str>> = BTreeMap::new();
+    for m in &adapter.modules {
+        let (i, role) = role_of(&m.module).ok_or_else(|| {
+            fail(format!("module {}: the library cannot target it (it places LoRA on q/k/v, intermediate and output layers only)", m.module))
+        })?;
+        layers.entry(i).or_default().push(role);
+    }
+    let mut roles: Vec<&str> = layers.values().next().cloned().unwrap_or_default();
+    roles.sort();
+    for (i, r) in &layers {
+        let mut r = r.clone();
+        r.sort();
+        if r != roles {
+            return Err(fail(format!("layer {i} holds {r:?} but another layer {roles:?}: the library's config gives every layer the same targets")));
+        }
+    }
+    let n_layers = base
+        .and_then(|b| b.config.as_ref())
+        .and_then(|c| c.get("num_hidden_layers"))
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| layers.keys().max().map_or(0, |m| m + 1));
+    let leave_out: Vec<u64> = (0..n_layers).filter(|i| !layers.contains_key(i)).collect();
+    let attn: Vec<&str> = ["q", "k", "v"]
+        .into_iter()
+        .filter(|x| roles.contains(x))
+        .collect();
+    // Tensors and the scale.
+    let mut notes = Vec::new();
+    let mut tensors: Vec<(crate::safetensors::TensorSpec, Vec<u8>)> = Vec::new();
+    let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let (r, alpha) = match kind {
+        Kind::Lora => {
+            let scales: Vec<(u64, f64)> = adapter
+                .modules
+                .iter()
+                .filter_map(|m| match &m.payload {
+                    Payload::LowRank(lr) => Some((lr.rank, lr.scale)),
+                    _ => None,
+                })
+                .collect();
+            let r = scales[0].0;
+            if scales.iter().any(|(rr, _)| *rr != r) {
+                return Err(fail(
+                    "the library's config has one rank; this adapter's modules differ".into(),
+                ));
+            }
+            let uniform = scales.iter().all(|(_, s)| *s == scales[0].1);
+            let alpha = if uniform {
+                scales[0].1 * r as f64
+            } else {
+                r as f64
+            };
+            if !uniform {
+                notes.push(format!(
+                    "module scales differ; baked into lora_B with alpha = r = {r}"
+                ));
+            }
+            for m in &adapter.modules {
+                let Payload::LowRank(lr) = &m.payload else {
+                    continue;
+                };
+                let a = adapter.tensors.read_f32(&lr.a)?;
+                let mut b = adapter.tensors.read_f32(&lr.b)?;
+                if !uniform {
+                    for x in b.iter_mut() {
+                        *x = (f64::from(*x) * lr.scale) as f32;
+                    }
+                }
+                let ia = adapter.tensors.info(&lr.a).expect("read").shape.clone();
+                let ib = adapter.tensors.info(&lr.b).expect("read").shape.clone();
+                tensors.push((
+                    crate::safetensors::TensorSpec {
+                        name: format!("{}.loras.{name}.lora_A", m.module),
+                        dtype: DType::F32,
+                        shape: ia,
+                    },
+                    f32s(&a),
+                ));
+                tensors.push((
+                    crate::safetensors::TensorSpec {
+                        name: format!("{}.loras.{name}.lora_B", m.module),
+                        dtype: DType::F32,
+                        shape: ib,
+                    },
+                    f32s(&b),
+                ));
+            }
+            (r, alpha)
+        }
+        Kind::Ia3 => {
+            for m in &adapter.modules {
+                let Payload::Scale { tensor, .. } = &m.payload else {
+                    continue;
+                };
+                let v = adapter.tensors.read_f32(tensor)?;
+                tensors.push((
+                    crate::safetensors::TensorSpec {
+                        name: format!("{}.loras.{name}.lora_B", m.module),
+                        dtype: DType::F32,
+                        shape: vec![v.len() as u64, 1],
+                    },
+                    f32s(&v),
+                ));
+            }
+            (1, 1.0)
+        }
+    };
+    let ia3 = matches!(kind, Kind::Ia3);
+    let num = |x: f64| {
+        if x.fract() == 0.0 {
+            Value::from(x as i64)
+        } else {
+            Value::from(x)
+        }
+    };
+    let config = serde_json::json!({
+        "alpha": num(alpha),
+        "architecture": "lora",
+        "attn_matrices": attn,
+        "composition_mode": if ia3 { "scale" } else { "add" },
+        "dropout": 0.0,
+        "dtype": null,
+        "init_weights": if ia3 { "ia3" } else { "lora" },
+        "init_weights_seed": null,
+        "intermediate_lora": roles.contains(&"intermediate"),
+        "leave_out": leave_out,
+        "output_lora": roles.contains(&"output"),
+        "r": r,
+        "selfattn_lora": !attn.is_empty(),
+        "use_dora": false,
+        "use_gating": false,
+        "vera_b": null,
+        "vera_d": null,
+    });
+    let bcfg = base.and_then(|b| b.config.as_ref());
+    let top = serde_json::json!({
+        "config": config,
+        "hidden_size": bcfg.and_then(|c| c.get("hidden_size")).cloned().unwrap_or(Value::Null),
+        "model_class": bcfg.and_then(|c| c.get("architectures")).and_then(|a| a.get(0)).cloned().unwrap_or(Value::Null),
+        "model_name": adapter.base_model.clone(),
+        "model_type": bcfg.and_then(|c| c.get("model_type")).cloned().unwrap_or(Value::Null),
+        "name": name,
+        "version": "adapters.1.3.0",
+    });
+    // Built in a fresh directory beside the output and renamed into place whole.
+    let io = |path: &Path, source: std::io::Error| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+    let stage = tempfile::Builder::new()
+        .prefix(".adapterkit-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .tempdir_in(parent)
+        .map_err(|e| io(parent, e))?;
+    tensors.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    crate::safetensors::write_small(&stage.path().join(WEIGHTS), &tensors, None)?;
+    let text = serde_json::to_string_pretty(&top).expect("JSON") + "\n";
+    let cfg_tmp = stage.path().join(CONFIG);
+    std::fs::write(&cfg_tmp, text).map_err(|e| io(&cfg_tmp, e))?;
+    std::fs::set_permissions(
+        &cfg_tmp,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .map_err(|e| io(&cfg_tmp, e))?;
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(|e| io(out, e))?;
+    }
+    let kept = stage.keep();
+    std::fs::rename(&kept, out).map_err(|e| io(out, e))?;
+    Ok(crate::convert::Written {
+        files: vec![out.join(CONFIG), out.join(WEIGHTS)],
+        notes,
+    })
+}

@@ -197,11 +197,9 @@ pub fn write(
             "sparse",
             "sparse differences are written by `extract --sparse` from a fine-tune",
         )),
-        AdapterFormat::AdapterHub => Err(fmt_err(
-            out,
-            "adapterhub",
-            "writing the adapters library's layout is not supported by this version (its config names target layers by role, not by module); write PEFT instead",
-        )),
+        AdapterFormat::AdapterHub => {
+            crate::adapterhub::write(adapter, out, opts.base.as_ref(), opts.overwrite)
+        }
         AdapterFormat::Peft => write_peft(adapter, out, opts),
         AdapterFormat::Kohya | AdapterFormat::Lycoris => kohya_write(adapter, to, out, opts),
         AdapterFormat::Diffusers => {
