@@ -349,3 +349,63 @@ fn peft_twins_convert_back_to_the_librarys_files() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn mergeable_parts_of_a_union_merge_as_the_library_merges_them() {
+    // `merge --mergeable-parts`: the union's LoRA/IA3 part folded in as merge_adapter does, the
+    // bottleneck/prefix part named as left out (it is still needed at inference).
+    let dir = fixtures("adapterhub");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    for c in manifest()["cases"].as_array().unwrap() {
+        let parts = c["merge"]["non_mergeable_parts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if c["merge"]["status"] != "ok" || parts.is_empty() {
+            continue;
+        }
+        let name = c["name"].as_str().unwrap();
+        let out = tmp.path().join(format!("{name}.safetensors"));
+        let base = dir.join("bases").join(c["base"].as_str().unwrap());
+        let o = run(&[
+            &"merge",
+            &base,
+            &dir.join(c["dir"].as_str().unwrap()),
+            &"-o",
+            &out,
+            &"--mergeable-parts",
+        ]);
+        ok(&o);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("not merged") && err.contains("at inference"),
+            "{name}: {err}"
+        );
+        let (g, w) = (
+            SafetensorsFile::open(&out).unwrap(),
+            SafetensorsFile::open(dir.join(c["merge"]["merged_state"].as_str().unwrap())).unwrap(),
+        );
+        for t in w.tensors() {
+            let (x, y) = (g.read_f32(&t.name).unwrap(), w.read_f32(&t.name).unwrap());
+            let scale = y.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-30);
+            let d = x
+                .iter()
+                .zip(&y)
+                .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+            assert!(d <= 1e-6 * scale, "{name}: {}: {d}", t.name);
+        }
+        n += 1;
+    }
+    assert!(n >= 2, "{n} unions");
+    // An adapter with no mergeable part is still refused.
+    let e = failed(&run(&[
+        &"merge",
+        &dir.join("bases/bert"),
+        &dir.join("cases/bert_seq_bn/adapter"),
+        &"-o",
+        &tmp.path().join("x.safetensors"),
+        &"--mergeable-parts",
+    ]));
+    assert!(e.contains("No part of it is a weight update"), "{e}");
+}

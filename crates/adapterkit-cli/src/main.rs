@@ -142,6 +142,10 @@ struct MergeArgs {
     /// With GGUF output: print each written tensor's quantization error.
     #[arg(long)]
     report_error: bool,
+    /// Merge the parts of an AdapterHub union that fold into the weights (LoRA, IA3, …) and leave
+    /// the others out, naming them, as the adapters library's merge_adapter does.
+    #[arg(long)]
+    mergeable_parts: bool,
     #[command(flatten)]
     methods: mix::MethodArgs,
 }
@@ -311,11 +315,12 @@ fn run_merge(mut a: MergeArgs, direction: Direction) -> Result<()> {
     let mut names = BaseNames::from_checkpoint(&base);
     names.path = base_path.clone();
     names.only = a.component.clone();
-    let adapters: Vec<WeightedAdapter> = open_adapters(
+    let adapters: Vec<WeightedAdapter> = open_adapters_parts(
         &a.adapters,
         model_type,
         parse_format(a.from.as_deref())?,
         Some(&names),
+        a.mergeable_parts,
     )?
     .into_iter()
     .zip(weights)
@@ -672,10 +677,29 @@ pub(crate) fn open_adapters(
     from: Option<AdapterFormat>,
     base: Option<&BaseNames>,
 ) -> Result<Vec<peft::PeftAdapter>> {
+    open_adapters_parts(paths, model_type, from, base, false)
+}
+
+/// [`open_adapters`], with `partial`: AdapterHub unions give their mergeable parts only.
+pub(crate) fn open_adapters_parts(
+    paths: &[PathBuf],
+    model_type: Option<&str>,
+    from: Option<AdapterFormat>,
+    base: Option<&BaseNames>,
+    partial: bool,
+) -> Result<Vec<peft::PeftAdapter>> {
     let mut opened = Vec::new();
     let mut errors = Vec::new();
     for p in paths {
-        match convert::open(p, from, base) {
+        let hub = partial
+            && from.is_none_or(|f| f == AdapterFormat::AdapterHub)
+            && adapterkit_formats::adapterhub::sniff(p);
+        let result = if hub {
+            adapterkit_formats::adapterhub::open_parts(p, true)
+        } else {
+            convert::open(p, from, base)
+        };
+        match result {
             Ok(mut pa) => {
                 let fixed = adapterkit_ops::plan::conv1d_layout(&mut pa.adapter, model_type);
                 pa.adapter.notes.extend(fixed);

@@ -411,6 +411,13 @@ pub fn describe(dir: &Path) -> Result<(Description, Arc<SafetensorsFile>)> {
 /// Open an adapter whose every part merges into the weights, as IR; refuse one with parts that
 /// add computation, naming each and why (and which parts would merge).
 pub fn open(dir: &Path) -> Result<PeftAdapter> {
+    open_parts(dir, false)
+}
+
+/// [`open`], or with `partial` the parts that merge only (as the library's `merge_adapter` does
+/// for a union), each part left out named in a note: the merged model then needs those parts at
+/// inference, through the library.
+pub fn open_parts(dir: &Path, partial: bool) -> Result<PeftAdapter> {
     if is_setup(dir) {
         let s = describe_setup(dir)?;
         return Err(err(
@@ -422,10 +429,21 @@ pub fn open(dir: &Path) -> Result<PeftAdapter> {
             ),
         ));
     }
-    let (d, file) = describe(dir)?;
+    let (mut d, file) = describe(dir)?;
     let st = dir.join(WEIGHTS);
     let blocked: Vec<&Part> = d.parts.iter().filter(|p| !p.kind.mergeable()).collect();
-    if !blocked.is_empty() {
+    let mut left_out = Vec::new();
+    if partial && blocked.len() < d.parts.len() {
+        for p in &blocked {
+            left_out.push(format!(
+                "{} ({} tensors) not merged: {}; the merged model still needs it at inference, through the adapters library",
+                p.kind.name(),
+                p.tensors.len(),
+                p.kind.why_not()
+            ));
+        }
+        d.parts.retain(|p| p.kind.mergeable());
+    } else if !blocked.is_empty() {
         let ok: Vec<String> = d
             .parts
             .iter()
@@ -445,17 +463,18 @@ pub fn open(dir: &Path) -> Result<PeftAdapter> {
             msg.push_str(". No part of it is a weight update.");
         } else {
             msg.push_str(&format!(
-                ". Its mergeable part{} ({}) would merge on {} own, but merging only part of the adapter would not be the model it was trained as, so nothing is written.",
+                ". Its mergeable part{} ({}) would merge on {} own, but merging only part of the adapter would not be the model it was trained as, so nothing is written (--mergeable-parts merges {} anyway, as the library's merge_adapter does).",
                 if ok.len() > 1 { "s" } else { "" },
                 ok.join(", "),
-                if ok.len() > 1 { "their" } else { "its" }
+                if ok.len() > 1 { "their" } else { "its" },
+                if ok.len() > 1 { "them" } else { "it" }
             ));
         }
         return Err(err(dir, msg));
     }
     let mut mem = MemorySource::over(file.clone());
     let mut modules = Vec::new();
-    let mut notes = Vec::new();
+    let mut notes = left_out;
     for p in &d.parts {
         let c = &p.config;
         let r = c.get("r").and_then(Value::as_u64).unwrap_or(0);
