@@ -12,6 +12,19 @@ use adapterkit_formats::safetensors::SafetensorsFile;
 use common::{failed, fixtures, ok, run};
 use serde_json::Value;
 
+/// Every tensor of `w` (the library's merged state) in `g` within 1e-6 of its scale.
+fn close_to(g: &SafetensorsFile, w: &SafetensorsFile, label: &str) {
+    for t in w.tensors() {
+        let (x, y) = (g.read_f32(&t.name).unwrap(), w.read_f32(&t.name).unwrap());
+        let scale = y.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-30);
+        let d = x
+            .iter()
+            .zip(&y)
+            .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+        assert!(d <= 1e-6 * scale, "{label}: {}: {d}", t.name);
+    }
+}
+
 fn manifest() -> Value {
     serde_json::from_str(
         &std::fs::read_to_string(fixtures("adapterhub").join("manifest.json")).unwrap(),
@@ -44,18 +57,7 @@ fn mergeable_adapters_equal_the_librarys_merge() {
         ]));
         let got = SafetensorsFile::open(&out).unwrap();
         let want = SafetensorsFile::open(dir.join(m["merged_state"].as_str().unwrap())).unwrap();
-        for t in want.tensors() {
-            let (x, y) = (
-                got.read_f32(&t.name).unwrap(),
-                want.read_f32(&t.name).unwrap(),
-            );
-            let scale = y.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-30);
-            let d = x
-                .iter()
-                .zip(&y)
-                .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
-            assert!(d <= 1e-6 * scale, "{name}: {}: {d} (scale {scale})", t.name);
-        }
+        close_to(&got, &want, name);
         merged += 1;
     }
     // LoRA (q/v, all, leave_out, BERT and Llama), IA3 (α = 1 and 2), scale mode, DoRA, VeRA.
@@ -321,15 +323,7 @@ fn peft_twins_convert_back_to_the_librarys_files() {
             SafetensorsFile::open(&merged).unwrap(),
             SafetensorsFile::open(dir.join(c["merge"]["merged_state"].as_str().unwrap())).unwrap(),
         );
-        for t in w.tensors() {
-            let (x, y) = (g.read_f32(&t.name).unwrap(), w.read_f32(&t.name).unwrap());
-            let scale = y.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-30);
-            let d = x
-                .iter()
-                .zip(&y)
-                .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
-            assert!(d <= 1e-6 * scale, "{case}: {}: {d}", t.name);
-        }
+        close_to(&g, &w, case);
         n += 1;
     }
     assert!(n >= 6, "{n} cases");
@@ -386,15 +380,7 @@ fn mergeable_parts_of_a_union_merge_as_the_library_merges_them() {
             SafetensorsFile::open(&out).unwrap(),
             SafetensorsFile::open(dir.join(c["merge"]["merged_state"].as_str().unwrap())).unwrap(),
         );
-        for t in w.tensors() {
-            let (x, y) = (g.read_f32(&t.name).unwrap(), w.read_f32(&t.name).unwrap());
-            let scale = y.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-30);
-            let d = x
-                .iter()
-                .zip(&y)
-                .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
-            assert!(d <= 1e-6 * scale, "{name}: {}: {d}", t.name);
-        }
+        close_to(&g, &w, name);
         n += 1;
     }
     assert!(n >= 2, "{n} unions");

@@ -72,6 +72,40 @@ pub fn parse_target(s: &str) -> Result<Target> {
     )
 }
 
+/// A checkpoint seen as plain values (a bitsandbytes base dequantized as bitsandbytes does).
+fn bnb_view(ck: &Checkpoint) -> Result<Option<BnbView<'_>>> {
+    if !bnb::is_bnb(ck) {
+        return Ok(None);
+    }
+    Ok(Some(BnbView::open(ck).with_context(|| {
+        format!("reading the bitsandbytes state of {}", ck.root().display())
+    })?))
+}
+
+/// The merge of `adapters` into `ck` (through `view` when it is a bitsandbytes base).
+fn merge_plan<'a>(
+    ck: &'a Checkpoint,
+    view: Option<&'a BnbView<'a>>,
+    adapters: Vec<WeightedAdapter>,
+) -> Result<(&'a dyn adapterkit_core::TensorSource, adapterkit_ops::Plan)> {
+    let (src, infos): (
+        &dyn adapterkit_core::TensorSource,
+        Vec<adapterkit_core::TensorInfo>,
+    ) = match view {
+        Some(v) => (v, v.tensors().to_vec()),
+        None => (ck, ck.tensors().cloned().collect()),
+    };
+    let plan = adapterkit_ops::plan_direction(
+        ck.root(),
+        src,
+        infos.iter(),
+        adapters,
+        OutDType::Auto,
+        Direction::Merge,
+    )?;
+    Ok((src, plan))
+}
+
 /// Merge `adapters` into the checkpoint `base` (a bitsandbytes base is dequantized first) and
 /// write safetensors to `output`: Linear weights quantized to `format`, or every tensor as values
 /// (`out_dtype`; a dequantized weight gets the dtype it had before quantization).
@@ -85,29 +119,8 @@ pub fn to_safetensors(
     report_error: bool,
     opts: &ExecOptions,
 ) -> Result<StReport> {
-    let bnb_view = if bnb::is_bnb(ck) {
-        Some(BnbView::open(ck).with_context(|| {
-            format!("reading the bitsandbytes state of {}", ck.root().display())
-        })?)
-    } else {
-        None
-    };
-    let view: &dyn adapterkit_core::TensorSource = match &bnb_view {
-        Some(v) => v,
-        None => ck,
-    };
-    let infos: Vec<adapterkit_core::TensorInfo> = match &bnb_view {
-        Some(v) => v.tensors().to_vec(),
-        None => ck.tensors().cloned().collect(),
-    };
-    let plan = adapterkit_ops::plan_direction(
-        ck.root(),
-        view,
-        infos.iter(),
-        adapters,
-        OutDType::Auto,
-        Direction::Merge,
-    )?;
+    let bnb_view = bnb_view(ck)?;
+    let (view, plan) = merge_plan(ck, bnb_view.as_ref(), adapters)?;
     let dtype_of = |name: &str, dt: DType| -> DType {
         match out_dtype {
             OutDType::Fixed(d) if dt.is_float() => d,
@@ -207,27 +220,8 @@ pub fn hf_to_gguf(
             base.display()
         )
     })?;
-    let bnb_view = if bnb::is_bnb(&ck) {
-        Some(BnbView::open(&ck)?)
-    } else {
-        None
-    };
-    let view: &dyn adapterkit_core::TensorSource = match &bnb_view {
-        Some(v) => v,
-        None => &ck,
-    };
-    let infos: Vec<adapterkit_core::TensorInfo> = match &bnb_view {
-        Some(v) => v.tensors().to_vec(),
-        None => ck.tensors().cloned().collect(),
-    };
-    let plan = adapterkit_ops::plan_direction(
-        ck.root(),
-        view,
-        infos.iter(),
-        adapters,
-        OutDType::Auto,
-        Direction::Merge,
-    )?;
+    let bnb_view = bnb_view(&ck)?;
+    let (view, plan) = merge_plan(&ck, bnb_view.as_ref(), adapters)?;
     Ok(adapterkit_ops::gguf_convert::hf_to_gguf(
         ck.root(),
         &config,

@@ -42,11 +42,9 @@ fn from_f16(b: &[u8]) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
 }
 
-#[cfg(test)]
-/// Symmetric quantization of a group to `[-nmax, nmax-1]` with ggml's 19-step scale search,
-/// weighting each element by x² (`make_qx_quants`, rmse_type 1, no importance). `l` receives the
-/// levels shifted by `nmax`; the return value is the scale.
-fn make_qx_quants(x: &[f32], nmax: i32, l: &mut [i8]) -> f32 {
+/// The first element of largest magnitude, and that magnitude (ggml's scan: strictly greater).
+#[inline]
+fn signed_absmax(x: &[f32]) -> (f32, f32) {
     let (mut max, mut amax) = (0f32, 0f32);
     for &v in x {
         let ax = v.abs();
@@ -55,6 +53,15 @@ fn make_qx_quants(x: &[f32], nmax: i32, l: &mut [i8]) -> f32 {
             max = v;
         }
     }
+    (max, amax)
+}
+
+#[cfg(test)]
+/// Symmetric quantization of a group to `[-nmax, nmax-1]` with ggml's 19-step scale search,
+/// weighting each element by x² (`make_qx_quants`, rmse_type 1, no importance). `l` receives the
+/// levels shifted by `nmax`; the return value is the scale.
+fn make_qx_quants(x: &[f32], nmax: i32, l: &mut [i8]) -> f32 {
+    let (max, amax) = signed_absmax(x);
     if amax < GROUP_MAX_EPS {
         l.fill(0);
         return 0.0;
@@ -98,14 +105,7 @@ fn make_qx_quants(x: &[f32], nmax: i32, l: &mut [i8]) -> f32 {
 /// Q3_K's symmetric group quantizer with coordinate-descent refinement (`make_q3_quants`,
 /// `do_rmse`). `l` receives levels shifted by `nmax`.
 fn make_q3_quants(x: &[f32], nmax: i32, l: &mut [i8]) -> f32 {
-    let (mut max, mut amax) = (0f32, 0f32);
-    for &v in x {
-        let ax = v.abs();
-        if ax > amax {
-            amax = ax;
-            max = v;
-        }
-    }
+    let (max, amax) = signed_absmax(x);
     if amax < GROUP_MAX_EPS {
         l.fill(0);
         return 0.0;

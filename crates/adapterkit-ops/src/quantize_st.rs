@@ -250,7 +250,12 @@ pub fn write_st(
             .zip(&how)
             .map(|(t, h)| -> Result<(u64, Option<TensorError>)> {
                 let (r_all, cols) = t.rows_cols();
-                let whole = rows.needs_whole(&t.name);
+                // Rows per block: the whole tensor when its update needs whole columns.
+                let step = if rows.needs_whole(&t.name) {
+                    r_all
+                } else {
+                    (block / cols.max(1)).max(1)
+                };
                 match *h {
                     Plan1::Plain { out, dtype } => {
                         let mut written = 0u64;
@@ -265,11 +270,6 @@ pub fn write_st(
                             }
                             return Ok((t.len, None));
                         }
-                        let step = if whole {
-                            r_all
-                        } else {
-                            (block / cols.max(1)).max(1)
-                        };
                         let mut r = 0;
                         while r < r_all {
                             let n = step.min(r_all - r);
@@ -288,14 +288,11 @@ pub fn write_st(
                         let f = format.expect("quantized only with a format");
                         // NF4 blocks of 64 run across rows: chunks hold whole blocks.
                         let align = 64 / gcd(cols, 64);
-                        let mut step = if whole {
-                            r_all
+                        let step = if f == StFormat::Nf4 {
+                            step.div_ceil(align) * align
                         } else {
-                            (block / cols.max(1)).max(1)
+                            step
                         };
-                        if f == StFormat::Nf4 {
-                            step = step.div_ceil(align) * align;
-                        }
                         let (mut sse, mut ssx, mut max) = (0f64, 0f64, 0f64);
                         let mut written = 0u64;
                         let mut r = 0;
